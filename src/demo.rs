@@ -1,0 +1,292 @@
+//! The demo: the seven governance services, each in a blue and a green flavour, on
+//! loopback, behind the proxy with `config/demo.yaml` (embedded in the binary).
+//!
+//! A demo backend answers every request with JSON describing what it received, and with
+//! the headers `x-acge-backend: blue|green`, `x-acge-service: <name>` and
+//! `x-constitutional-hash`, so a person (or a test) can see where a request went and what
+//! the proxy forwarded. Tests reuse [`spawn_backend`]. This module is not on the request
+//! path of a real deployment.
+
+use std::net::SocketAddr;
+
+use acge_filters::json_response;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::admin::TokenSource;
+use crate::config::{Config, DEFAULT_CONSTITUTION_HASH};
+use crate::server::{self, ServerOptions};
+use crate::split::Version;
+use crate::{local, Body, StartOptions};
+
+/// The demo's config, embedded so that `acge-proxy demo` needs no files.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+
+/// One governance service: its name, its legacy port, its route prefix and the ACGE
+/// endpoint the green version adds.
+#[derive(Debug, Clone, Copy)]
+pub struct Service {
+    pub name: &'static str,
+    pub legacy_port: u16,
+    pub path_prefix: &'static str,
+    pub acge_endpoint: &'static str,
+}
+
+pub const SERVICES: [Service; 7] = [
+    Service {
+        name: "auth",
+        legacy_port: 8000,
+        path_prefix: "/api/v1/auth",
+        acge_endpoint: "/api/v1/auth/acge/validate",
+    },
+    Service {
+        name: "ac",
+        legacy_port: 8001,
+        path_prefix: "/api/v1/constitutional",
+        acge_endpoint: "/api/v1/constitutional/acge/analyze",
+    },
+    Service {
+        name: "integrity",
+        legacy_port: 8002,
+        path_prefix: "/api/v1/integrity",
+        acge_endpoint: "/api/v1/integrity/acge/audit",
+    },
+    Service {
+        name: "fv",
+        legacy_port: 8003,
+        path_prefix: "/api/v1/verification",
+        acge_endpoint: "/api/v1/verification/acge/prove",
+    },
+    Service {
+        name: "gs",
+        legacy_port: 8004,
+        path_prefix: "/api/v1/governance",
+        acge_endpoint: "/api/v1/governance/acge/synthesize",
+    },
+    Service {
+        name: "pgc",
+        legacy_port: 8005,
+        path_prefix: "/api/v1/policy",
+        acge_endpoint: "/api/v1/policy/acge/compile",
+    },
+    Service {
+        name: "ec",
+        legacy_port: 8006,
+        path_prefix: "/api/v1/evolution",
+        acge_endpoint: "/api/v1/evolution/acge/optimize",
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the embedded demo config is invalid:\n{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error("cannot start the {service} {version} backend on {address}: {source}")]
+    Backend {
+        service: String,
+        version: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] crate::StartError),
+}
+
+/// A running demo backend.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts one demo backend on `address` (port 0 picks a free port).
+pub async fn spawn_backend(
+    service: &'static str,
+    version: Version,
+    address: SocketAddr,
+) -> Result<Backend, DemoError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| DemoError::Backend {
+            service: service.to_string(),
+            version: version.as_str(),
+            address,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .expect("a bound socket has an address");
+    let task = tokio::spawn(server::serve(
+        listener,
+        ServerOptions::default(),
+        move |req, _peer| answer(service, version, req),
+        std::future::pending(),
+    ));
+    Ok(Backend { addr, task })
+}
+
+/// The demo backend's answer: what it saw, as JSON.
+async fn answer(service: &'static str, version: Version, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, 1 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return local(acge_filters::json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            ))
+        }
+    };
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                json!(String::from_utf8_lossy(v.as_bytes())),
+            )
+        })
+        .collect();
+    let endpoint = SERVICES
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| s.acge_endpoint);
+    let result = match (version, endpoint) {
+        (Version::Green, Some(ep)) if parts.uri.path() == ep => {
+            json!({"acge": "evaluated", "compliant": true})
+        }
+        _ => json!({"status": "ok"}),
+    };
+    let reply = json!({
+        "service": service,
+        "backend": version.as_str(),
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "received_headers": headers,
+        "body_bytes": body.len(),
+        "result": result,
+    });
+    let mut res = json_response(StatusCode::OK, Bytes::from(reply.to_string()));
+    let h = res.headers_mut();
+    h.insert(
+        HeaderName::from_static("x-acge-backend"),
+        HeaderValue::from_static(version.as_str()),
+    );
+    h.insert(
+        HeaderName::from_static("x-acge-service"),
+        HeaderValue::from_static(service),
+    );
+    h.insert(
+        HeaderName::from_static("x-constitutional-hash"),
+        HeaderValue::from_static(DEFAULT_CONSTITUTION_HASH),
+    );
+    local(res)
+}
+
+/// Splits a demo cluster name (`auth-green`) into its service and version.
+fn cluster_role(name: &str) -> Option<(&str, Version)> {
+    let (service, version) = name.rsplit_once('-')?;
+    match version {
+        "blue" => Some((service, Version::Blue)),
+        "green" => Some((service, Version::Green)),
+        _ => None,
+    }
+}
+
+/// A running demo: backends and proxy.
+pub struct Demo {
+    pub backends: Vec<Backend>,
+    pub proxy: crate::Running,
+    pub token: String,
+}
+
+/// Starts every backend the demo config names, then the proxy.
+pub async fn start(token: String) -> Result<Demo, DemoError> {
+    let config = Config::from_yaml(DEMO_CONFIG, "config/demo.yaml (embedded)")?;
+    let mut backends = Vec::new();
+    for (name, cluster) in &config.clusters {
+        let Some((service, version)) = cluster_role(name) else {
+            continue;
+        };
+        let Some(service) = SERVICES.iter().find(|s| s.name == service) else {
+            continue;
+        };
+        for endpoint in &cluster.endpoints {
+            if let Ok(address) = endpoint.parse::<SocketAddr>() {
+                backends.push(spawn_backend(service.name, version, address).await?);
+            }
+        }
+    }
+    let proxy = crate::start(
+        config,
+        StartOptions {
+            admin_token: TokenSource::Fixed(token.clone()),
+        },
+    )
+    .await?;
+    Ok(Demo {
+        backends,
+        proxy,
+        token,
+    })
+}
+
+/// What the demo prints once it is up: where things are and what to try.
+pub fn banner(demo: &Demo) -> String {
+    let proxy = demo.proxy.proxy_addr;
+    let admin = demo.proxy.admin_addr;
+    let token = &demo.token;
+    let mut routes = String::new();
+    for route in demo.proxy.routes.iter() {
+        let service = SERVICES.iter().find(|s| s.name == &*route.name);
+        routes.push_str(&format!(
+            "  {:<10} {:<24} green {:>3}%   try {}\n",
+            route.name,
+            route.path_prefix,
+            route.splitter.green_weight(),
+            service.map(|s| s.acge_endpoint).unwrap_or("")
+        ));
+    }
+    format!(
+        "acge-proxy demo: 7 services × blue/green on loopback, proxy on {proxy}, admin on {admin}\n\n\
+         routes:\n{routes}\n\
+         send a request (see x-acge-backend in the answer):\n  \
+         curl -si http://{proxy}/api/v1/auth/acge/validate -H 'content-type: application/json' -d '{{\"user\":\"alice\"}}'\n\n\
+         move auth to 50% green:\n  \
+         curl -s -X PUT http://{admin}/routes/auth/weights -H 'Authorization: Bearer {token}' -d '{{\"green\": 50}}'\n\n\
+         see the weights and the metrics:\n  \
+         curl -s http://{admin}/weights\n  curl -s http://{admin}/metrics | grep acge_\n\n\
+         Ctrl-C stops the demo.\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid_and_covers_every_service() {
+        let config = Config::from_yaml(DEMO_CONFIG, "demo.yaml").unwrap();
+        for s in SERVICES {
+            let route = config.routes.iter().find(|r| r.name == s.name).unwrap();
+            assert_eq!(route.matcher.path_prefix, s.path_prefix);
+            assert_eq!(route.green_weight, 10);
+            assert_eq!(cluster_role(&route.blue), Some((s.name, Version::Blue)));
+            assert_eq!(cluster_role(&route.green), Some((s.name, Version::Green)));
+        }
+        assert_eq!(config.listener.address, "127.0.0.1:15001");
+        assert_eq!(config.admin.address, "127.0.0.1:15000");
+    }
+}

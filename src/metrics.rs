@@ -1,0 +1,115 @@
+//! Every metric name of acge-proxy, the Prometheus recorder, and the per-route handles
+//! the request path records into.
+//!
+//! Handles are registered once per route and version when the proxy starts, so a request
+//! records with a few atomic operations and never looks a label set up in a map. This
+//! module does not serve `/metrics`; `admin.rs` renders the handle installed here.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::split::Version;
+
+pub const REQUESTS_TOTAL: &str = "acge_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "acge_request_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "acge_upstream_errors_total";
+pub const GREEN_WEIGHT: &str = "acge_green_weight";
+
+/// Explicit buckets (0.5 ms to 10 s) so that Prometheus can aggregate quantiles across
+/// pods; a summary could not be.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide recorder once and returns its handle; later calls return
+/// the same handle (tests start many proxies in one process).
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(REQUEST_DURATION_SECONDS.into()),
+                    LATENCY_BUCKETS,
+                )
+                .expect("the latency bucket list is a non-empty constant")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Status classes used as the `code_class` label.
+const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The handles one route records into, per version.
+pub struct RouteMetrics {
+    route: String,
+    versions: [VersionMetrics; 2],
+    green_weight: Gauge,
+}
+
+struct VersionMetrics {
+    requests: [Counter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> Self {
+        let version = |v: Version| {
+            VersionMetrics {
+            requests: CODE_CLASSES.map(|class| {
+                counter!(REQUESTS_TOTAL, "route" => route.to_string(), "version" => v.as_str(), "code_class" => class)
+            }),
+            duration: histogram!(REQUEST_DURATION_SECONDS, "route" => route.to_string(), "version" => v.as_str()),
+        }
+        };
+        Self {
+            route: route.to_string(),
+            versions: [version(Version::Blue), version(Version::Green)],
+            green_weight: gauge!(GREEN_WEIGHT, "route" => route.to_string()),
+        }
+    }
+
+    /// One finished request: its status and the time until its response head.
+    pub fn record(&self, version: Version, status: u16, elapsed: Duration) {
+        let v = &self.versions[version as usize];
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        v.requests[class].increment(1);
+        v.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// An upstream failure; rare, so the label lookup per call is fine.
+    pub fn upstream_error(&self, version: Version, kind: &'static str) {
+        counter!(UPSTREAM_ERRORS_TOTAL, "route" => self.route.clone(), "version" => version.as_str(), "kind" => kind)
+            .increment(1);
+    }
+
+    pub fn set_green_weight(&self, weight: u8) {
+        self.green_weight.set(f64::from(weight));
+    }
+}
+
+/// Requests that matched no route (404) or were refused before a route was chosen.
+pub fn unrouted(status: u16) {
+    counter!(REQUESTS_TOTAL, "route" => "", "version" => "none", "code_class" => CODE_CLASSES[(status / 100).clamp(1, 5) as usize - 1])
+        .increment(1);
+}
+
+/// Keeps the recorder's memory bounded: histogram samples are folded into buckets.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
