@@ -217,7 +217,7 @@ impl Admin {
     }
 
     async fn set_weight(&self, name: &str, req: Request<Incoming>) -> acge_filters::LocalResponse {
-        if let Err(refusal) = self.authorize(&req) {
+        if let Some(refusal) = self.refuse_unauthorized(&req) {
             return refusal;
         }
         let Some(route) = self.routes.get(name) else {
@@ -253,19 +253,19 @@ impl Admin {
         json_response(StatusCode::OK, body.to_string().into())
     }
 
-    fn authorize<B>(&self, req: &Request<B>) -> Result<(), acge_filters::LocalResponse> {
-        let expected = self
-            .token
-            .current()
-            .map_err(|why| json_error(StatusCode::FORBIDDEN, "mutations_disabled", why))?;
+    /// The refusal for a request that may not mutate, or None when it may.
+    fn refuse_unauthorized<B>(&self, req: &Request<B>) -> Option<acge_filters::LocalResponse> {
+        let expected = match self.token.current() {
+            Ok(token) => token,
+            Err(why) => return Some(json_error(StatusCode::FORBIDDEN, "mutations_disabled", why)),
+        };
         let presented = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .map(|t| t.trim_ascii());
-        let ok = presented.is_some_and(|t| bool::from(t.ct_eq(expected.as_bytes())));
-        if ok {
-            return Ok(());
+        if presented.is_some_and(|t| bool::from(t.ct_eq(expected.as_bytes()))) {
+            return None;
         }
         let detail = if presented.is_some() {
             "the bearer token is not the admin token"
@@ -277,7 +277,7 @@ impl Admin {
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"acge-admin\""),
         );
-        Err(res)
+        Some(res)
     }
 }
 

@@ -13,7 +13,7 @@ use acge_filters::json_response;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -138,17 +138,21 @@ pub async fn spawn_backend(
 
 /// The demo backend's answer: what it saw, as JSON.
 async fn answer(service: &'static str, version: Version, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, 1 << 20).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return local(acge_filters::json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                e.to_string(),
-            ))
+    let (parts, mut body) = req.into_parts();
+    // Count the body as it streams, so large uploads cost no memory here.
+    let mut body_bytes = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => body_bytes += frame.data_ref().map_or(0, |d| d.len()),
+            Err(e) => {
+                return local(acge_filters::json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    e.to_string(),
+                ))
+            }
         }
-    };
+    }
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
@@ -175,7 +179,7 @@ async fn answer(service: &'static str, version: Version, req: Request<Incoming>)
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "received_headers": headers,
-        "body_bytes": body.len(),
+        "body_bytes": body_bytes,
         "result": result,
     });
     let mut res = json_response(StatusCode::OK, Bytes::from(reply.to_string()));

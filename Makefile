@@ -1,0 +1,31 @@
+# acge-proxy: the commands a developer and CI need.
+#   make demo    build and run the seven-service demo on loopback
+#   make test    fmt, clippy (warnings denied), then every test
+#   make bench   load benchmark against nginx and haproxy (writes docs/performance.md)
+CARGO ?= cargo
+
+.PHONY: setup setup-test build demo test bench clean
+
+setup:
+	scripts/setup.sh all
+
+setup-test:
+	scripts/setup.sh test
+
+build:
+	$(CARGO) build --release
+
+demo: setup-test
+	$(CARGO) run --release -- demo
+
+test: setup-test
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+bench:
+	scripts/setup.sh bench
+	benches/load.sh
+
+clean:
+	$(CARGO) clean

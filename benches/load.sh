@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Load benchmark: acge-proxy against nginx and haproxy doing the same 95/5 blue/green
+# split, and against the upstream measured directly, in one run, on loopback.
+#
+#   benches/load.sh                       # 3 rounds of 10 s each, writes docs/performance.md
+#   ROUNDS=5 DURATION=20 CONNS=128 benches/load.sh
+#
+# Placement (2-core machine): the proxy under test, whichever it is, runs pinned to CPU 0
+# with WORKERS threads/processes (default 1); wrk and the upstream nginx share CPU 1.
+# Every peer gets the same core, the same worker count, keep-alive to the upstream, and
+# the same upstream. Each round runs the four targets in a rotated order; the report
+# gives the median of the rounds. Traffic stays on 127.0.0.1 and every run is bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+WORKERS=${WORKERS:-1}
+WARMUP=${WARMUP:-2}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+OUT=${OUT:-docs/performance.md}
+
+for tool in wrk nginx haproxy taskset python3; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
+    echo "load.sh: $tool is missing; run 'make setup'" >&2; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+work=$(mktemp -d /tmp/acge-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "building acge-proxy (release)…"
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
+
+# Ports: upstream blue 19081, green 19082; proxies listen on 19100 (nginx), 19200
+# (haproxy), 19300 (acge-proxy); acge-proxy admin on 19301.
+cat > "$work/upstream.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/upstream.pid;
+error_log $work/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:19081 reuseport backlog=4096;
+    location / { add_header x-acge-backend blue; default_type application/json;
+      return 200 '{"service":"auth","backend":"blue","result":{"status":"ok"}}'; } }
+  server { listen 127.0.0.1:19082 reuseport backlog=4096;
+    location / { add_header x-acge-backend green; default_type application/json;
+      return 200 '{"service":"auth","backend":"green","result":{"status":"ok"}}'; } }
+}
+EOF
+
+cat > "$work/nginx.conf" <<EOF
+worker_processes $WORKERS;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream blue  { server 127.0.0.1:19081; keepalive 256; }
+  upstream green { server 127.0.0.1:19082; keepalive 256; }
+  split_clients "\${request_id}" \$version { 5% green; * blue; }
+  server { listen 127.0.0.1:19100 backlog=4096;
+    location / { proxy_pass http://\$version; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } }
+}
+EOF
+
+cat > "$work/haproxy.cfg" <<EOF
+global
+  nbthread $WORKERS
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:19200
+  default_backend be
+backend be
+  balance random
+  server blue 127.0.0.1:19081 weight 95
+  server green 127.0.0.1:19082 weight 5
+EOF
+
+cat > "$work/acge.yaml" <<EOF
+listener: {address: 127.0.0.1:19300}
+admin: {address: 127.0.0.1:19301}
+clusters:
+  blue:  {endpoints: ["127.0.0.1:19081"]}
+  green: {endpoints: ["127.0.0.1:19082"]}
+routes:
+  - {name: auth, match: {path_prefix: /}, blue: blue, green: green, green_weight: 5}
+EOF
+
+start() { # name cpu cmd...
+  local name=$1 cpu=$2; shift 2
+  taskset -c "$cpu" "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+}
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "load.sh: nothing listens on $1; see $work" >&2; exit 1
+}
+
+start upstream "$LOAD_CPU" "$NGINX" -c "$work/upstream.conf" -p "$work"
+wait_port 19081; wait_port 19082
+start nginx "$PROXY_CPU" "$NGINX" -c "$work/nginx.conf" -p "$work"
+start haproxy "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg"
+RUST_LOG=warn start acge "$PROXY_CPU" "$BIN" run --config "$work/acge.yaml" --workers "$WORKERS"
+wait_port 19100; wait_port 19200; wait_port 19300
+
+declare -A url=(
+  [direct]=http://127.0.0.1:19081/api/v1/auth/acge/validate
+  [nginx]=http://127.0.0.1:19100/api/v1/auth/acge/validate
+  [haproxy]=http://127.0.0.1:19200/api/v1/auth/acge/validate
+  [acge-proxy]=http://127.0.0.1:19300/api/v1/auth/acge/validate
+)
+targets=(direct nginx haproxy acge-proxy)
+
+# Every target must answer 200 before anything is measured.
+for t in "${targets[@]}"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "${url[$t]}")
+  [ "$code" = 200 ] || { echo "load.sh: $t answered $code" >&2; exit 1; }
+done
+
+results="$work/results.tsv"
+: > "$results"
+for round in $(seq "$ROUNDS"); do
+  for i in "${!targets[@]}"; do
+    t=${targets[$(( (i + round - 1) % ${#targets[@]} ))]}
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${url[$t]}" >/dev/null
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${url[$t]}")
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    errors=$(awk '/Non-2xx or 3xx responses:/ {print $5} /Socket errors:/ {print "socket"}' <<<"$out" | tr '\n' ' ')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "${errors:-none}" >> "$results"
+    printf 'round %s  %-10s %10s req/s  p50 %-8s p99 %-8s errors: %s\n' "$round" "$t" "$rps" "$p50" "$p99" "${errors:-none}"
+  done
+done
+
+python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" <<'EOF'
+import re, statistics, sys, datetime, platform, subprocess
+results, out, rounds, duration, conns, workers = sys.argv[1:]
+def ms(s):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
+    v = float(m.group(1))
+    return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
+rows = {}
+for line in open(results):
+    rnd, t, rps, p50, p99, errors = line.rstrip("\n").split("\t")
+    rows.setdefault(t, []).append((float(rps), ms(p50), ms(p99), errors))
+med = {t: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+           statistics.median(r[2] for r in v), sorted({r[3] for r in v})) for t, v in rows.items()}
+acge = med["acge-proxy"]
+lines = [
+    "| target | requests/s (median) | p50 ms | p99 ms | acge-proxy req/s ratio | errors |",
+    "| --- | ---: | ---: | ---: | ---: | --- |",
+]
+for t in ["direct", "nginx", "haproxy", "acge-proxy"]:
+    rps, p50, p99, errs = med[t]
+    ratio = acge[0] / rps
+    lines.append(f"| {t} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {ratio:.2f}× | {', '.join(errs)} |")
+cpu = ""
+try:
+    cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+except Exception:
+    pass
+summary = (f"acge/nginx = {acge[0] / med['nginx'][0]:.2f}× requests/s, "
+           f"acge/haproxy = {acge[0] / med['haproxy'][0]:.2f}× requests/s; "
+           f"p99 {acge[2]:.3f} ms vs nginx {med['nginx'][2]:.3f} ms, haproxy {med['haproxy'][2]:.3f} ms")
+table = "\n".join(lines)
+block = (f"<!-- load.sh:begin -->\n"
+         f"Run {datetime.date.today()} on {cpu or platform.machine()}: {rounds} rounds × {duration} s, "
+         f"wrk -t1 -c{conns}, each proxy pinned to one core with {workers} worker(s), "
+         f"95/5 blue/green, medians of the rounds.\n\n{table}\n\n{summary}\n"
+         f"<!-- load.sh:end -->")
+print("\n" + table + "\n\n" + summary)
+try:
+    text = open(out).read()
+except FileNotFoundError:
+    text = "# Performance\n\n<!-- load.sh:begin -->\n<!-- load.sh:end -->\n"
+text = re.sub(r"<!-- load.sh:begin -->.*?<!-- load.sh:end -->", lambda _: block, text, flags=re.S)
+open(out, "w").write(text)
+print(f"\nwritten to {out}")
+EOF

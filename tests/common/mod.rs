@@ -1,0 +1,203 @@
+//! Shared harness: demo backends and a proxy on 127.0.0.1 with free ports, and a small
+//! HTTP client, so each test reads as what a user does and sees.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use acge_proxy::admin::TokenSource;
+use acge_proxy::config::Config;
+use acge_proxy::demo::{spawn_backend, Backend};
+use acge_proxy::split::Version;
+use acge_proxy::{Running, StartOptions};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const TOKEN: &str = "test-admin-token";
+
+/// A proxy in front of one blue and one green demo backend.
+pub struct Setup {
+    pub proxy: Running,
+    pub blue: Backend,
+    pub green: Backend,
+}
+
+impl Setup {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy.proxy_addr, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy.admin_addr, path)
+    }
+}
+
+/// One route `name` on `/svc`, blue and green demo backends, with `route_extra` YAML
+/// lines added to the route (indented by the caller's 4 spaces).
+pub async fn setup(name: &'static str, weight: u8, route_extra: &str) -> Setup {
+    setup_with(name, weight, route_extra, TokenSource::Fixed(TOKEN.into())).await
+}
+
+pub async fn setup_with(
+    name: &'static str,
+    weight: u8,
+    route_extra: &str,
+    token: TokenSource,
+) -> Setup {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let blue = spawn_backend(name, Version::Blue, any).await.unwrap();
+    let green = spawn_backend(name, Version::Green, any).await.unwrap();
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  blue: {{endpoints: [\"{}\"]}}
+  green: {{endpoints: [\"{}\"]}}
+routes:
+  - name: {name}
+    match: {{path_prefix: /svc}}
+    blue: blue
+    green: green
+    green_weight: {weight}
+{route_extra}",
+        blue.addr, green.addr
+    );
+    let proxy = start(&yaml, token).await;
+    Setup { proxy, blue, green }
+}
+
+pub async fn start(yaml: &str, token: TokenSource) -> Running {
+    let config = Config::from_yaml(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    acge_proxy::start(config, StartOptions { admin_token: token })
+        .await
+        .unwrap()
+}
+
+/// What a client sees of one answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// `blue` or `green`, from the demo backend's header.
+    pub fn backend(&self) -> &str {
+        self.headers
+            .get("x-acge-backend")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("none")
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("the proxy answers within 10 s")
+        .expect("the request completes");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    send(client, Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Writes raw bytes on a fresh connection and reads the whole answer (the server is asked
+/// to close). For requests an HTTP client library would refuse to send.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An address where nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A server that accepts connections and never answers.
+pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `n` requests from `parallel` concurrent clients; returns how many went green.
+pub async fn count_green(url: &str, n: usize, parallel: usize) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..parallel {
+        let url = url.to_string();
+        let share = n / parallel;
+        tasks.spawn(async move {
+            let c = client();
+            let mut green = 0;
+            for _ in 0..share {
+                let r = get(&c, &url, &[]).await;
+                assert_eq!(r.status, StatusCode::OK);
+                if r.backend() == "green" {
+                    green += 1;
+                }
+            }
+            green
+        });
+    }
+    let mut green = 0;
+    while let Some(g) = tasks.join_next().await {
+        green += g.unwrap();
+    }
+    green
+}
+
+/// The value of one sample line of the Prometheus text, e.g.
+/// `acge_requests_total{route="a",version="green",code_class="2xx"}`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.trim().parse().ok()
+    })
+}

@@ -1,0 +1,258 @@
+//! The data plane as clients and upstreams see it: failures mapped to JSON statuses,
+//! header hygiene, streaming, HTTP/2 and TLS with real clients (curl), graceful drain.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use acge_proxy::admin::TokenSource;
+use common::*;
+use http::{Method, StatusCode};
+
+fn one_cluster(endpoint: &str, extra_cluster: &str) -> String {
+    format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [{endpoint}]{extra_cluster}}}
+routes:
+  - {{name: dp, match: {{path_prefix: /svc}}, blue: up, green: up}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_502_json() {
+    let down = closed_port().await;
+    let p = start(&one_cluster(&format!("\"{down}\""), ""), TokenSource::None).await;
+    let r = get(&client(), &format!("http://{}/svc", p.proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let v = r.json();
+    assert_eq!(v["error"], "connect");
+    assert!(
+        v["detail"].as_str().unwrap().contains(&down.to_string()),
+        "{v}"
+    );
+    assert!(r.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_is_504_json() {
+    let (slow, _task) = silent_server().await;
+    let p = start(
+        &one_cluster(&format!("\"{slow}\""), ", timeout_ms: 300"),
+        TokenSource::None,
+    )
+    .await;
+    let started = Instant::now();
+    let r = get(&client(), &format!("http://{}/svc", p.proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["error"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the timeout applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_without_endpoints_is_503_json() {
+    let p = start(&one_cluster("", ""), TokenSource::None).await;
+    let r = get(&client(), &format!("http://{}/svc", p.proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"], "no_endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_path_is_404_json() {
+    let s = setup("nf", 0, "").await;
+    let r = get(&client(), &s.url("/elsewhere"), &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"], "no_route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let s = setup("hop", 0, "").await;
+    let answer = raw(
+        s.proxy.proxy_addr,
+        b"GET /svc HTTP/1.1\r\nHost: example\r\nConnection: close, X-Private-Hop\r\n\
+          X-Private-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+          TE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let seen = v["received_headers"].as_object().unwrap();
+    for hop in [
+        "connection",
+        "x-private-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(!seen.contains_key(hop), "{hop} was forwarded: {seen:?}");
+    }
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(
+        seen["host"], "example",
+        "Host is the client's, not the endpoint's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_request_id() {
+    let s = setup("fwd", 0, "").await;
+    let c = client();
+    let r = get(&c, &s.url("/svc"), &[("x-forwarded-for", "203.0.113.7")]).await;
+    let seen = &r.json()["received_headers"];
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a generated UUID: {id}");
+    assert_eq!(
+        seen["x-request-id"],
+        id.as_str(),
+        "the upstream saw the id the client got"
+    );
+
+    let r = get(&c, &s.url("/svc"), &[("x-request-id", "abc-123")]).await;
+    assert_eq!(r.headers["x-request-id"], "abc-123");
+    assert_eq!(r.json()["received_headers"]["x-request-id"], "abc-123");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_headers_get_431_json_and_garbage_gets_400() {
+    let s = setup("big", 0, "").await;
+    let big = "x".repeat(40 * 1024);
+    let r = get(&client(), &s.url("/svc"), &[("x-big", &big)]).await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(r.json()["error"], "request_header_fields_too_large");
+
+    // A request line hyper cannot parse is answered by hyper itself: 400, no body.
+    let answer = raw(s.proxy.proxy_addr, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through() {
+    let s = setup("stream", 0, "").await;
+    let body = vec![b'a'; 8 * 1024 * 1024];
+    let r = send(&client(), Method::POST, &s.url("/svc/upload"), &[], body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["body_bytes"], 8 * 1024 * 1024);
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is installed (make setup)");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_request_works() {
+    let s = setup("h2c", 100, "").await;
+    let url = s.url("/svc/h2");
+    let out = tokio::task::spawn_blocking(move || curl(&["--http2-prior-knowledge", &url]))
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains("x-acge-backend: green"), "{out}");
+    // HTTP/2 has no Host header; the upstream still sees the authority as Host.
+    assert!(out.contains(r#""host":"127.0.0.1:"#), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_serves_h2_and_http11_by_alpn() {
+    let dir = std::env::temp_dir().join(format!("acge-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path, ca_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&ca_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+
+    let any = "127.0.0.1:0".parse().unwrap();
+    let up = acge_proxy::demo::spawn_backend("tls", acge_proxy::split::Version::Blue, any)
+        .await
+        .unwrap();
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0, tls: {{cert: {}, key: {}}}}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{}\"]}}
+routes:
+  - {{name: tls, match: {{path_prefix: /}}, blue: up, green: up}}
+",
+        cert_path.display(),
+        key_path.display(),
+        up.addr
+    );
+    let p = start(&yaml, TokenSource::None).await;
+    let port = p.proxy_addr.port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let url = format!("https://localhost:{port}/x");
+    let ca = ca_path.display().to_string();
+    let (h2, h1) = tokio::task::spawn_blocking(move || {
+        (
+            curl(&["--http2", "--cacert", &ca, "--resolve", &resolve, &url]),
+            curl(&["--http1.1", "--cacert", &ca, "--resolve", &resolve, &url]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(h2.starts_with("HTTP/2 200"), "{h2}");
+    assert!(h2.contains(r#""x-forwarded-proto":"https""#), "{h2}");
+    assert!(h1.starts_with("HTTP/1.1 200"), "{h1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_requests_finish() {
+    // A backend that answers after 500 ms, so a request is in flight at shutdown.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone",
+                    )
+                    .await;
+            });
+        }
+    });
+    let p = start(&one_cluster(&format!("\"{slow}\""), ""), TokenSource::None).await;
+    let url = format!("http://{}/svc", p.proxy_addr);
+    let addr = p.proxy_addr;
+    let in_flight = tokio::spawn(async move { get(&client(), &url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.shutdown().await;
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"done");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
