@@ -34,7 +34,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -83,7 +83,7 @@ EOF
 cat > "$work/haproxy.cfg" <<EOF
 global
   nbthread $WORKERS
-  maxconn 20000
+  maxconn 4096
 defaults
   mode http
   timeout connect 1s
@@ -145,19 +145,38 @@ for t in "${targets[@]}"; do
   [ "$code" = 200 ] || { echo "load.sh: $t answered $code" >&2; exit 1; }
 done
 
+# CPU seconds (user + system) used so far by the processes of a target, from /proc.
+declare -A pattern=([nginx]="$work/nginx.conf" [haproxy]="$work/haproxy.cfg" [acge-proxy]="$work/acge.yaml")
+cpu_ticks() {
+  local t=$1 total=0 pid
+  [ -n "${pattern[$t]:-}" ] || { echo 0; return; }
+  for pid in $(pgrep -f -- "${pattern[$t]}"; pgrep -P "$(pgrep -f -- "${pattern[$t]}" | head -1)" 2>/dev/null); do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$(( total + $(awk '{print $14 + $15}' "/proc/$pid/stat") ))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
 results="$work/results.tsv"
 : > "$results"
 for round in $(seq "$ROUNDS"); do
   for i in "${!targets[@]}"; do
     t=${targets[$(( (i + round - 1) % ${#targets[@]} ))]}
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${url[$t]}" >/dev/null
+    before=$(cpu_ticks "$t")
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${url[$t]}")
+    after=$(cpu_ticks "$t")
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    # CPU time per request of the proxy under test: steadier than requests/s on a
+    # shared machine, since it does not depend on how much CPU the peer was given.
+    cpu_us=$(awk -v d=$(( after - before )) -v n="$total" -v hz="$HZ" 'BEGIN { if (d > 0 && n > 0) printf "%.1f", d * 1e6 / hz / n; else print "-" }')
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     errors=$(awk '/Non-2xx or 3xx responses:/ {print $5} /Socket errors:/ {print "socket"}' <<<"$out" | tr '\n' ' ')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "${errors:-none}" >> "$results"
-    printf 'round %s  %-10s %10s req/s  p50 %-8s p99 %-8s errors: %s\n' "$round" "$t" "$rps" "$p50" "$p99" "${errors:-none}"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$cpu_us" "${errors:-none}" >> "$results"
+    printf 'round %s  %-10s %10s req/s  p50 %-8s p99 %-8s cpu %-6s µs/req  errors: %s\n' "$round" "$t" "$rps" "$p50" "$p99" "$cpu_us" "${errors:-none}"
   done
 done
 
@@ -170,19 +189,23 @@ def ms(s):
     return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
 rows = {}
 for line in open(results):
-    rnd, t, rps, p50, p99, errors = line.rstrip("\n").split("\t")
-    rows.setdefault(t, []).append((float(rps), ms(p50), ms(p99), errors))
+    rnd, t, rps, p50, p99, cpu, errors = line.rstrip("\n").split("\t")
+    rows.setdefault(t, []).append((float(rps), ms(p50), ms(p99), None if cpu == "-" else float(cpu), errors))
+def med_cpu(v):
+    xs = [r[3] for r in v if r[3] is not None]
+    return statistics.median(xs) if xs else None
 med = {t: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
-           statistics.median(r[2] for r in v), sorted({r[3] for r in v})) for t, v in rows.items()}
+           statistics.median(r[2] for r in v), sorted({r[4] for r in v}), med_cpu(v)) for t, v in rows.items()}
 acge = med["acge-proxy"]
 lines = [
-    "| target | requests/s (median) | p50 ms | p99 ms | acge-proxy req/s ratio | errors |",
-    "| --- | ---: | ---: | ---: | ---: | --- |",
+    "| target | requests/s (median) | p50 ms | p99 ms | proxy CPU µs/request | acge-proxy req/s ratio | errors |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
 ]
 for t in ["direct", "nginx", "haproxy", "acge-proxy"]:
-    rps, p50, p99, errs = med[t]
+    rps, p50, p99, errs, cpu = med[t]
     ratio = acge[0] / rps
-    lines.append(f"| {t} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {ratio:.2f}× | {', '.join(errs)} |")
+    cpu_s = "–" if cpu is None else f"{cpu:.1f}"
+    lines.append(f"| {t} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {cpu_s} | {ratio:.2f}× | {', '.join(errs)} |")
 cpu = ""
 try:
     cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -190,7 +213,8 @@ except Exception:
     pass
 summary = (f"acge/nginx = {acge[0] / med['nginx'][0]:.2f}× requests/s, "
            f"acge/haproxy = {acge[0] / med['haproxy'][0]:.2f}× requests/s; "
-           f"p99 {acge[2]:.3f} ms vs nginx {med['nginx'][2]:.3f} ms, haproxy {med['haproxy'][2]:.3f} ms")
+           f"p99 {acge[2]:.3f} ms vs nginx {med['nginx'][2]:.3f} ms, haproxy {med['haproxy'][2]:.3f} ms; "
+           f"CPU per request {acge[4]} µs vs nginx {med['nginx'][4]} µs, haproxy {med['haproxy'][4]} µs")
 table = "\n".join(lines)
 block = (f"<!-- load.sh:begin -->\n"
          f"Run {datetime.date.today()} on {cpu or platform.machine()}: {rounds} rounds × {duration} s, "

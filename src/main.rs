@@ -95,10 +95,15 @@ fn block_on(
     workers: Option<usize>,
     f: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work stealing: the single-threaded scheduler skips its
+    // cross-thread bookkeeping on every wake-up.
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Some(n) = workers {
-        builder.worker_threads(n.max(1));
+    if let Some(n) = workers.filter(|n| *n > 1) {
+        builder.worker_threads(n);
     }
     builder
         .build()
