@@ -125,7 +125,7 @@ impl Proxy {
                 route
                     .metrics
                     .record(choice.version, res.status().as_u16(), elapsed);
-                res.map(|body| body.map_err(Into::into).boxed_unsync())
+                res
             }
             Err(e) => {
                 tracing::debug!(route = %route.name, version = choice.version.as_str(), error = %e, "upstream failed");

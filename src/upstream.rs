@@ -1,23 +1,31 @@
 //! Pooled clients per cluster: endpoint choice, timeouts, and the mapping of upstream
 //! failures to statuses.
 //!
-//! Each cluster owns one hyper client (its own connection pool) and picks endpoints round
-//! robin. A failure becomes an [`UpstreamError`], which knows its status (502, 503, 504),
+//! Each cluster picks endpoints round robin; each endpoint keeps its own pool of
+//! HTTP/1.1 connections (or one shared HTTP/2 connection), built on hyper's connection
+//! API. A request that meets a pooled connection the upstream has just closed is sent
+//! again on another one: it was never written, so that is always safe. A failure becomes an [`UpstreamError`], which knows its status (502, 503, 504),
 //! its metric label and its JSON answer. This module does not decide which cluster serves
 //! a request; `split.rs` does.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use crate::config::{parse_endpoint, ClusterConfig, Protocol};
-use crate::Body;
+use crate::{Body, BoxError};
 
 /// Why an upstream did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -75,51 +83,67 @@ impl UpstreamError {
     }
 }
 
-/// One named group of endpoints with its own connection pool.
+/// One named group of endpoints, each with its own pool of connections.
 pub struct Cluster {
     pub name: String,
-    endpoints: Vec<Authority>,
+    endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Body>,
-    version: http::Version,
+    protocol: Protocol,
     connect_timeout: Duration,
     timeout: Duration,
+    idle_timeout: Duration,
 }
+
+/// One upstream address and its idle connections.
+struct Endpoint {
+    authority: Authority,
+    /// Set when the endpoint is an IP literal, so connecting needs no DNS look-up.
+    addr: Option<SocketAddr>,
+    /// HTTP/1.1: idle connections, most recently used last (LIFO keeps few warm).
+    idle: Mutex<Vec<Idle>>,
+    /// HTTP/2: the one multiplexed connection, shared by every request.
+    shared: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when returned.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+
+/// A request whose pooled connection turned out to be closed is sent again on another
+/// connection this many times. It was never written, so this is always safe.
+const MAX_STALE_RETRIES: usize = 3;
 
 impl Cluster {
     /// Builds a cluster from a validated config.
     pub fn new(name: &str, config: &ClusterConfig) -> Self {
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(config.idle_timeout_ms));
-        if config.protocol == Protocol::Http2 {
-            builder.http2_only(true);
-        }
         Self {
             name: name.to_string(),
             endpoints: config
                 .endpoints
                 .iter()
                 .filter_map(|e| parse_endpoint(e).ok())
+                .map(|authority| {
+                    Arc::new(Endpoint {
+                        addr: authority.as_str().parse().ok(),
+                        authority,
+                        idle: Mutex::new(Vec::new()),
+                        shared: Mutex::new(None),
+                    })
+                })
                 .collect(),
             next: AtomicUsize::new(0),
-            client: builder.build(connector),
-            version: match config.protocol {
-                Protocol::Http1 => http::Version::HTTP_11,
-                Protocol::Http2 => http::Version::HTTP_2,
-            },
-            connect_timeout,
+            protocol: config.protocol,
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             timeout: Duration::from_millis(config.timeout_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         }
     }
 
-    fn pick(&self) -> Option<&Authority> {
+    fn pick(&self) -> Option<&Arc<Endpoint>> {
         match self.endpoints.len() {
             0 => None,
             1 => self.endpoints.first(),
@@ -129,9 +153,11 @@ impl Cluster {
         }
     }
 
-    /// Sends `req` to the next endpoint and waits for the response head. The URI is
-    /// rewritten to the endpoint; headers and body go as they are.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends `req` to the next endpoint and waits for the response head. Headers and
+    /// body go as they are; the URI is rewritten for the upstream (origin-form for
+    /// HTTP/1.1). The response body streams; its connection returns to the pool once
+    /// the body has been read to the end.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         let Some(endpoint) = self.pick() else {
             return Err(UpstreamError::NoEndpoint {
                 cluster: self.name.clone(),
@@ -143,54 +169,313 @@ impl Cluster {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(endpoint.clone());
+        if self.protocol == Protocol::Http2 {
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(endpoint.authority.clone());
+        }
         parts.path_and_query = Some(path);
-        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are all set");
-        *req.version_mut() = self.version;
-
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => Err(self.classify(endpoint, e)),
+        *req.uri_mut() =
+            Uri::from_parts(parts).expect("a path alone, or scheme, authority and path");
+        let exchange = async {
+            match self.protocol {
+                Protocol::Http1 => {
+                    *req.version_mut() = http::Version::HTTP_11;
+                    self.send_h1(endpoint, req).await
+                }
+                Protocol::Http2 => {
+                    *req.version_mut() = http::Version::HTTP_2;
+                    self.send_h2(endpoint, req).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 cluster: self.name.clone(),
-                endpoint: endpoint.clone(),
+                endpoint: endpoint.authority.clone(),
                 after: self.timeout,
             }),
         }
     }
 
-    fn classify(
+    async fn send_h1(
         &self,
-        endpoint: &Authority,
-        e: hyper_util::client::legacy::Error,
-    ) -> UpstreamError {
-        let cluster = self.name.clone();
-        let endpoint = endpoint.clone();
-        let root = root_cause(&e);
-        if e.is_connect() {
-            let timed_out = root
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                || root.to_string().contains("timed out");
-            return if timed_out {
-                UpstreamError::ConnectTimeout {
-                    cluster,
-                    endpoint,
-                    after: self.connect_timeout,
-                }
+        endpoint: &Arc<Endpoint>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut attempt = 0;
+        let mut fresh_only = false;
+        loop {
+            let pooled = if fresh_only {
+                None
             } else {
-                UpstreamError::Connect {
-                    cluster,
-                    endpoint,
-                    reason: root.to_string(),
-                }
+                self.checkout(endpoint)
             };
+            let (mut sender, reused) = match pooled {
+                Some(sender) => (sender, true),
+                None => (self.connect_h1(endpoint).await?, false),
+            };
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(self.protocol_error(endpoint, &e));
+            }
+            // A reused connection may have been closed by the upstream just as the request
+            // went out. A request that can be sent again (idempotent, no body) is kept so.
+            let replay = (reused && attempt < MAX_STALE_RETRIES)
+                .then(|| Replay::of(&req))
+                .flatten();
+            match sender.try_send_request(req).await {
+                Ok(res) => {
+                    let endpoint = endpoint.clone();
+                    return Ok(res.map(|body| {
+                        PooledBody {
+                            body,
+                            release: Some((sender, endpoint)),
+                        }
+                        .boxed_unsync()
+                    }));
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    match (unsent, replay) {
+                        // Never written: always safe to send on another connection.
+                        (Some(unsent), _) if reused && attempt < MAX_STALE_RETRIES => req = unsent,
+                        // Written, but no response came and sending it again is harmless.
+                        (None, Some(replay)) => {
+                            tracing::debug!(error = %e.error(), "reused upstream connection failed; sending again on a new one");
+                            req = replay.into_request();
+                            fresh_only = true;
+                        }
+                        _ => return Err(self.protocol_error(endpoint, e.error())),
+                    }
+                    attempt += 1;
+                }
+            }
         }
+    }
+
+    async fn send_h2(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let shared = endpoint
+            .shared
+            .lock()
+            .expect("the pool lock is never held across a panic")
+            .clone()
+            .filter(|s| !s.is_closed());
+        let mut sender = match shared {
+            Some(sender) => sender,
+            None => {
+                let sender = self.connect_h2(endpoint).await?;
+                *endpoint
+                    .shared
+                    .lock()
+                    .expect("the pool lock is never held across a panic") = Some(sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| self.protocol_error(endpoint, &e))?;
+        match sender.send_request(req).await {
+            Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed_unsync())),
+            Err(e) => Err(self.protocol_error(endpoint, &e)),
+        }
+    }
+
+    /// The most recently used idle connection that is still open and young enough.
+    fn checkout(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<Body>> {
+        let mut idle = endpoint
+            .idle
+            .lock()
+            .expect("the pool lock is never held across a panic");
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() > self.idle_timeout {
+                // Everything below is older still.
+                idle.clear();
+                return None;
+            }
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect_tcp(&self, endpoint: &Endpoint) -> Result<TcpStream, UpstreamError> {
+        let connect = async {
+            match endpoint.addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect(endpoint.authority.as_str()).await,
+            }
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                return Err(UpstreamError::Connect {
+                    cluster: self.name.clone(),
+                    endpoint: endpoint.authority.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    cluster: self.name.clone(),
+                    endpoint: endpoint.authority.clone(),
+                    after: self.connect_timeout,
+                })
+            }
+        };
+        // Requests and responses are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect_h1(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let stream = self.connect_tcp(endpoint).await?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol_error(endpoint, &e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let stream = self.connect_tcp(endpoint).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol_error(endpoint, &e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn protocol_error(&self, endpoint: &Endpoint, e: &hyper::Error) -> UpstreamError {
         UpstreamError::Protocol {
-            cluster,
-            endpoint,
-            reason: root.to_string(),
+            cluster: self.name.clone(),
+            endpoint: endpoint.authority.clone(),
+            reason: root_cause(e).to_string(),
+        }
+    }
+}
+
+/// What is needed to send a bodyless idempotent request (RFC 9110 §9.2.2) again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Body>) -> Option<Self> {
+        let idempotent = matches!(
+            *req.method(),
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::TRACE
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<Body> {
+        let mut req = Request::new(crate::empty_body());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// A response body that hands its connection back to the pool once it has been read
+/// to the end. Dropped early, it drops the connection instead, since hyper cannot
+/// reuse a connection with an unread response on it.
+struct PooledBody {
+    body: Incoming,
+    release: Option<(http1::SendRequest<Body>, Arc<Endpoint>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, endpoint)) = self.release.take() {
+            if sender.is_closed() {
+                return;
+            }
+            let mut idle = endpoint
+                .idle
+                .lock()
+                .expect("the pool lock is never held across a panic");
+            if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.release = None,
+            _ => {}
+        }
+        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (204, 304, HEAD) is never polled: it ends where it starts.
+        if self.body.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -224,9 +509,31 @@ mod tests {
     async fn endpoints_are_picked_round_robin() {
         let c = cluster(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
         let ports: Vec<_> = (0..6)
-            .map(|_| c.pick().unwrap().port_u16().unwrap())
+            .map(|_| c.pick().unwrap().authority.port_u16().unwrap())
             .collect();
         assert_eq!(ports, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn only_bodyless_idempotent_requests_are_replayed() {
+        let req = |method: http::Method, body: Body| {
+            let mut r = Request::new(body);
+            *r.method_mut() = method;
+            r.headers_mut().insert("x-a", "1".parse().unwrap());
+            r
+        };
+        let full = || {
+            http_body_util::Full::new(Bytes::from_static(b"x"))
+                .map_err(|n| match n {})
+                .boxed_unsync()
+        };
+        let replay = Replay::of(&req(http::Method::GET, crate::empty_body())).unwrap();
+        let again = replay.into_request();
+        assert_eq!(again.method(), http::Method::GET);
+        assert_eq!(again.headers()["x-a"], "1");
+        assert!(Replay::of(&req(http::Method::DELETE, crate::empty_body())).is_some());
+        assert!(Replay::of(&req(http::Method::POST, crate::empty_body())).is_none());
+        assert!(Replay::of(&req(http::Method::PUT, full())).is_none());
     }
 
     #[tokio::test]

@@ -256,3 +256,67 @@ async fn shutdown_lets_in_flight_requests_finish() {
         "no longer accepting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_causes_no_error() {
+    // An upstream that answers one request per connection with keep-alive, then closes
+    // the connection shortly after, as servers with short idle timeouts do.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let p = start(&one_cluster(&format!("\"{up}\""), ""), TokenSource::None).await;
+    let c = client();
+    for i in 0..10 {
+        let r = get(&c, &format!("http://{}/svc", p.proxy_addr), &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(if i % 2 == 0 { 50 } else { 0 })).await;
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 5,
+        "closed connections were replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstream_cluster_works() {
+    let s = setup("h2up", 0, "").await;
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{}\"], protocol: http2}}
+routes:
+  - {{name: h2up, match: {{path_prefix: /}}, blue: up, green: up}}
+",
+        s.blue.addr
+    );
+    let p = start(&yaml, TokenSource::None).await;
+    let c = client();
+    for _ in 0..5 {
+        let r = send(
+            &c,
+            Method::POST,
+            &format!("http://{}/svc/x", p.proxy_addr),
+            &[],
+            vec![b'z'; 100_000],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["body_bytes"], 100_000);
+    }
+}
