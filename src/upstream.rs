@@ -213,7 +213,9 @@ impl Cluster {
             };
             let (mut sender, reused) = match pooled {
                 Some(sender) => (sender, true),
-                None => (self.connect_h1(endpoint).await?, false),
+                // Boxed: connecting is rare, and its large future would otherwise be
+                // carried (and copied) by every request.
+                None => (Box::pin(self.connect_h1(endpoint)).await?, false),
             };
             if let Err(e) = sender.ready().await {
                 if reused {
@@ -270,7 +272,7 @@ impl Cluster {
         let mut sender = match shared {
             Some(sender) => sender,
             None => {
-                let sender = self.connect_h2(endpoint).await?;
+                let sender = Box::pin(self.connect_h2(endpoint)).await?;
                 *endpoint
                     .shared
                     .lock()
