@@ -346,11 +346,7 @@ impl Cluster {
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol_error(endpoint, &e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
 
@@ -364,11 +360,7 @@ impl Cluster {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol_error(endpoint, &e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
 
@@ -379,6 +371,18 @@ impl Cluster {
             reason: root_cause(e).to_string(),
         }
     }
+}
+
+/// Runs an upstream connection's I/O in its own task until either side closes it.
+fn drive<C>(conn: C)
+where
+    C: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
 }
 
 /// What is needed to send a bodyless idempotent request (RFC 9110 §9.2.2) again.

@@ -137,15 +137,7 @@ async fn live_ready_and_config_dump() {
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.json()["status"], "ready");
 
-    let auth = [("authorization", "Bearer test-admin-token")];
-    send(
-        &c,
-        Method::PUT,
-        &s.admin("/routes/dump/weights"),
-        &auth,
-        r#"{"green": 35}"#,
-    )
-    .await;
+    assert_eq!(put_weight(&s, "dump", 35).await.status, StatusCode::OK);
     let dump = get(&c, &s.admin("/config_dump"), &[]).await;
     assert_eq!(dump.status, StatusCode::OK);
     let v = dump.json();
@@ -206,15 +198,7 @@ async fn prometheus_scrape_counts_requests_by_route_version_and_class() {
         r#"acge_request_duration_seconds_bucket{route="scrape",version="blue",le="0.0005"}"#
     ));
 
-    let auth = [("authorization", "Bearer test-admin-token")];
-    send(
-        &c,
-        Method::PUT,
-        &s.admin("/routes/scrape/weights"),
-        &auth,
-        r#"{"green": 75}"#,
-    )
-    .await;
+    assert_eq!(put_weight(&s, "scrape", 75).await.status, StatusCode::OK);
     let text = String::from_utf8(get(&c, &s.admin("/metrics"), &[]).await.body.to_vec()).unwrap();
     assert_eq!(
         sample(&text, r#"acge_green_weight{route="scrape"}"#),

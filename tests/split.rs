@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use http::{Method, StatusCode};
+use http::StatusCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_share_is_within_3_points_of_the_weight() {
@@ -24,14 +24,7 @@ async fn green_share_is_within_3_points_of_the_weight() {
 async fn put_weight_changes_the_split_for_later_requests() {
     let s = setup("put", 10, "").await;
     let c = client();
-    let r = send(
-        &c,
-        Method::PUT,
-        &s.admin("/routes/put/weights"),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
-        r#"{"green": 100}"#,
-    )
-    .await;
+    let r = put_weight(&s, "put", 100).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let v = r.json();
     assert_eq!(
@@ -41,14 +34,7 @@ async fn put_weight_changes_the_split_for_later_requests() {
     assert_eq!(v["previous"]["green"], 10);
     assert_eq!(count_green(&s.url("/svc"), 200, 4).await, 200);
 
-    let r = send(
-        &c,
-        Method::PUT,
-        &s.admin("/routes/put/weights"),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
-        r#"{"green": 0}"#,
-    )
-    .await;
+    let r = put_weight(&s, "put", 0).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(count_green(&s.url("/svc"), 200, 4).await, 0);
     let w = get(&c, &s.admin("/weights"), &[]).await.json();
@@ -61,15 +47,7 @@ async fn a_weight_change_drops_no_open_connection() {
     let s = setup("keepconn", 0, "").await;
     let c = client(); // one pooled keep-alive connection, reused across the change
     assert_eq!(get(&c, &s.url("/svc"), &[]).await.backend(), "blue");
-    let admin = client();
-    let r = send(
-        &admin,
-        Method::PUT,
-        &s.admin("/routes/keepconn/weights"),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
-        r#"{"green": 100}"#,
-    )
-    .await;
+    let r = put_weight(&s, "keepconn", 100).await;
     assert_eq!(r.status, StatusCode::OK);
     for _ in 0..20 {
         let r = get(&c, &s.url("/svc"), &[]).await;
@@ -110,14 +88,7 @@ async fn sticky_cookie_clients_move_only_blue_to_green_as_weight_rises() {
         .collect();
     let mut was_green = vec![false; users.len()];
     for weight in [0, 5, 25, 50, 75, 100] {
-        let r = send(
-            &c,
-            Method::PUT,
-            &s.admin("/routes/cookie/weights"),
-            &[("authorization", &format!("Bearer {TOKEN}"))],
-            format!(r#"{{"green": {weight}}}"#),
-        )
-        .await;
+        let r = put_weight(&s, "cookie", weight).await;
         assert_eq!(r.status, StatusCode::OK);
         for (i, cookie) in users.iter().enumerate() {
             let green = get(&c, &s.url("/svc"), &[("cookie", cookie)])

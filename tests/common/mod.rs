@@ -138,6 +138,18 @@ pub async fn get(
     send(client, Method::GET, url, headers, Bytes::new()).await
 }
 
+/// `PUT /routes/{route}/weights` with the test token; returns the reply.
+pub async fn put_weight(s: &Setup, route: &str, green: u8) -> Reply {
+    send(
+        &client(),
+        Method::PUT,
+        &s.admin(&format!("/routes/{route}/weights")),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        format!(r#"{{"green": {green}}}"#),
+    )
+    .await
+}
+
 /// Writes raw bytes on a fresh connection and reads the whole answer (the server is asked
 /// to close). For requests an HTTP client library would refuse to send.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
