@@ -1,10 +1,15 @@
 //! The filter contract of acge-proxy: what a filter is, the context it sees, and the
 //! ordered chain a route runs.
 //!
-//! This crate owns the contract and (in later modules) the built-in filters. It does not
-//! own the data plane: the proxy calls [`Chain::on_request`] before it picks blue or
-//! green, [`Chain::on_response`] before the answer goes back, and [`Chain::on_log`] once
-//! when the exchange is over.
+//! This crate owns the contract and the built-in filters ([`hash`], [`audit`]). It does
+//! not own the data plane: the proxy calls [`Chain::on_request`] before it picks blue or
+//! green, [`Chain::on_response`] before any answer goes back (the upstream's, or one the
+//! proxy or a filter made), and [`Chain::on_log`] exactly once when the exchange is
+//! over, also when the client went away or the upstream failed.
+
+pub mod audit;
+pub mod hash;
+pub mod metrics;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -41,16 +46,23 @@ pub struct RequestCtx {
     pub attributes: Attributes,
 }
 
-/// One upstream answer as the filters see it before it goes back.
+/// One answer as the filters see it before it goes back to the client.
 #[derive(Debug)]
 pub struct ResponseCtx {
     pub status: StatusCode,
     pub headers: http::HeaderMap,
+    /// The whole body, present only when a filter on the route asked for it.
     pub body: Option<Bytes>,
     pub route: Arc<str>,
     pub request_id: Arc<str>,
-    /// `blue` or `green`.
-    pub version: &'static str,
+    pub method: Method,
+    pub path: String,
+    /// `blue` or `green` for an upstream's answer; None for one the proxy or a filter
+    /// made itself (a rejection, an upstream failure).
+    pub version: Option<&'static str>,
+    /// Since the request arrived.
+    pub elapsed: Duration,
+    /// Left by the request phase, carried on.
     pub attributes: Attributes,
 }
 
@@ -62,10 +74,27 @@ pub struct Exchange {
     pub method: Method,
     pub path: String,
     pub version: Option<&'static str>,
+    /// The status sent, or 499 when the client went away first.
     pub status: StatusCode,
+    /// Whether the whole response reached the client.
+    pub completed: bool,
     pub latency: Duration,
     pub attributes: Attributes,
 }
+
+/// The ACGE model's judgement of a request or response, left by the acge filter for the
+/// audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compliance {
+    /// 1 − the highest violation probability.
+    pub score: f64,
+    /// Principles whose violation probability was over the threshold.
+    pub principles: Vec<String>,
+}
+
+/// The status logged for an exchange whose client went away before the answer was
+/// complete (nginx's convention).
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Typed values that one filter leaves for later ones (a compliance score, a hash
 /// result), keyed by their type so that two filters cannot clash on a string name.
@@ -100,6 +129,11 @@ pub trait Filter: Send + Sync + 'static {
         false
     }
 
+    /// Needs the whole response body before `on_response` (bounded like the request's).
+    fn wants_response_body(&self) -> bool {
+        false
+    }
+
     async fn on_request(&self, _req: &mut RequestCtx) -> Verdict {
         Verdict::Continue
     }
@@ -111,8 +145,11 @@ pub trait Filter: Send + Sync + 'static {
     fn on_log(&self, _done: &Exchange) {}
 }
 
-/// The ordered filters of one route. Request phases run first to last, response phases
-/// last to first (as Envoy does), and the first `Respond` stops the walk.
+/// The ordered filters of one route. Request phases run in route order and the first
+/// `Respond` stops them. Response phases also run in route order, over every answer
+/// (the upstream's or a local one); a filter that answers replaces the response, and
+/// the filters after it see the replacement, so that a filter listed last (the audit
+/// log) records what the client really gets.
 #[derive(Clone, Default)]
 pub struct Chain {
     filters: Arc<[Arc<dyn Filter>]>,
@@ -138,6 +175,11 @@ impl Chain {
         self.filters.iter().any(|f| f.wants_body())
     }
 
+    /// Whether any filter needs the response body buffered.
+    pub fn wants_response_body(&self) -> bool {
+        self.filters.iter().any(|f| f.wants_response_body())
+    }
+
     pub async fn on_request(&self, req: &mut RequestCtx) -> Verdict {
         for filter in self.filters.iter() {
             if let Verdict::Respond(res) = filter.on_request(req).await {
@@ -147,13 +189,20 @@ impl Chain {
         Verdict::Continue
     }
 
-    pub async fn on_response(&self, res: &mut ResponseCtx) -> Verdict {
-        for filter in self.filters.iter().rev() {
+    /// Runs every response phase; returns whether any filter replaced the response
+    /// (then `res.body` holds the replacement's body).
+    pub async fn on_response(&self, res: &mut ResponseCtx) -> bool {
+        let mut replaced = false;
+        for filter in self.filters.iter() {
             if let Verdict::Respond(local) = filter.on_response(res).await {
-                return Verdict::Respond(local);
+                let (parts, body) = local.into_parts();
+                res.status = parts.status;
+                res.headers = parts.headers;
+                res.body = Some(body.into_inner().unwrap_or_default());
+                replaced = true;
             }
         }
-        Verdict::Continue
+        replaced
     }
 
     pub fn on_log(&self, done: &Exchange) {

@@ -1,0 +1,586 @@
+//! The audit log writer: one thread owns the files, appends records in batches, keeps
+//! the Merkle frontier, signs checkpoints, and rotates segments.
+//!
+//! Durability by `commit` mode:
+//! - `sync`: [`AuditLog::append`] returns once the record's segment is fsynced. One
+//!   fsync covers every record of a batch (group commit). A record that was answered
+//!   survives `kill -9` and power loss (as far as the disk honours fsync).
+//! - `async`: `append` returns once the record is queued. The writer writes it to the
+//!   OS within one batch and fsyncs at every checkpoint. `kill -9` loses what was still
+//!   queued (at most `queue` records); power loss also loses what was written since the
+//!   last checkpoint. A full queue makes `append` wait: nothing is dropped.
+//!
+//! On start the log is scanned: a torn final record (a crash mid-write) is reported and
+//! cut off; any other damage stops the start, since cutting it would lose committed
+//! records.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::merkle::{leaf_hash, Frontier};
+use super::segment::{
+    frame, read_frames, segment_name, segments, AuditRecord, Checkpoint, CHECKPOINTS_FILE,
+    DEFAULT_KEY_FILE, PUBLIC_KEY_FILE,
+};
+use crate::metrics::{AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitMode {
+    #[default]
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory of the segments, the checkpoints and the public key.
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub commit: CommitMode,
+    /// Sign a checkpoint after this many records…
+    #[serde(default = "defaults::checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// …or this long after the last one, whichever comes first.
+    #[serde(default = "defaults::checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// A segment is closed and the next begun past this size.
+    #[serde(default = "defaults::segment_bytes")]
+    pub segment_bytes: u64,
+    /// Records waiting for the writer; a full queue makes requests wait.
+    #[serde(default = "defaults::queue")]
+    pub queue: usize,
+    /// The ed25519 signing key (hex seed), created with mode 0600 if absent. Default
+    /// `DIR/audit.key`; in production keep it apart from the log (a Secret mount).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn checkpoint_every() -> u64 {
+        1000
+    }
+    pub fn checkpoint_interval_ms() -> u64 {
+        1000
+    }
+    pub fn segment_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn queue() -> usize {
+        8192
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("audit log {path}: {reason}; run `acge-proxy audit verify` and restore the log before starting")]
+    Damaged { path: String, reason: String },
+    #[error("audit signing key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error("the audit log could not write: {0}")]
+    Write(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What opening the log found.
+#[derive(Debug, Clone)]
+pub struct OpenReport {
+    pub records: u64,
+    pub segments: usize,
+    /// A torn final record that was cut off, described.
+    pub cut: Option<String>,
+}
+
+enum Msg {
+    Append {
+        record: AuditRecord,
+        enqueued: Instant,
+        done: Option<oneshot::Sender<Result<u64, String>>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle the audit filter appends through.
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    mode: CommitMode,
+    dir: PathBuf,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `config.dir` and starts its writer thread.
+    pub fn open(config: &AuditConfig) -> Result<(Arc<AuditLog>, OpenReport), AuditError> {
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let key_path = config
+            .key_file
+            .clone()
+            .unwrap_or_else(|| dir.join(DEFAULT_KEY_FILE));
+        let key = load_or_create_key(&key_path)?;
+        let pub_path = dir.join(PUBLIC_KEY_FILE);
+        std::fs::write(
+            &pub_path,
+            format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
+        )
+        .map_err(io(&pub_path))?;
+
+        let (frontier, last_segment, cut, segment_count) = scan(&dir)?;
+        let last_checkpoint = trim_checkpoints(&dir)?;
+        if let Some(cp) = &last_checkpoint {
+            if cp.tree_size > frontier.size() {
+                return Err(AuditError::Damaged {
+                    path: dir.display().to_string(),
+                    reason: format!(
+                        "the last checkpoint covers {} records but only {} are on disk",
+                        cp.tree_size,
+                        frontier.size()
+                    ),
+                });
+            }
+        }
+        let report = OpenReport {
+            records: frontier.size(),
+            segments: segment_count,
+            cut,
+        };
+        let (number, path) = match last_segment {
+            Some(last) => last,
+            None => (1, dir.join(segment_name(1))),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let size = file.metadata().map_err(io(&path))?.len();
+        let checkpoints_path = dir.join(CHECKPOINTS_FILE);
+        let checkpoints = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&checkpoints_path)
+            .map_err(io(&checkpoints_path))?;
+        sync_dir(&dir);
+
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let writer = Writer {
+            dir: dir.clone(),
+            config: config.clone(),
+            segment: file,
+            segment_number: number,
+            segment_size: size,
+            frontier,
+            checkpointed: last_checkpoint.map_or(0, |c| c.tree_size),
+            last_checkpoint_at: Instant::now(),
+            checkpoints,
+            key,
+            capacity: config.queue.max(1),
+        };
+        std::thread::Builder::new()
+            .name("acge-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io(&dir))?;
+        Ok((
+            Arc::new(AuditLog {
+                tx,
+                mode: config.commit,
+                dir,
+            }),
+            report,
+        ))
+    }
+
+    pub fn mode(&self) -> CommitMode {
+        self.mode
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends a record (its `seq` is assigned by the writer). In `sync` mode this returns
+    /// once the record is on disk; in `async` mode once it is queued. Returns the seq
+    /// in sync mode, 0 in async mode.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let enqueued = Instant::now();
+        match self.mode {
+            CommitMode::Sync => {
+                let (done, wait) = oneshot::channel();
+                self.tx
+                    .send(Msg::Append {
+                        record,
+                        enqueued,
+                        done: Some(done),
+                    })
+                    .await
+                    .map_err(|_| AuditError::Stopped)?;
+                wait.await
+                    .map_err(|_| AuditError::Stopped)?
+                    .map_err(AuditError::Write)
+            }
+            CommitMode::Async => {
+                self.tx
+                    .send(Msg::Append {
+                        record,
+                        enqueued,
+                        done: None,
+                    })
+                    .await
+                    .map_err(|_| AuditError::Stopped)?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Appends without waiting, for the log phase (which cannot wait). With a full queue
+    /// the record waits in a task of its own rather than being dropped.
+    pub fn append_detached(self: &Arc<Self>, record: AuditRecord) {
+        let msg = Msg::Append {
+            record,
+            enqueued: Instant::now(),
+            done: None,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if tx.send(msg).await.is_err() {
+                        tracing::error!(
+                            "audit writer stopped; a record from the log phase was not written"
+                        );
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!(
+                    "audit writer stopped; a record from the log phase was not written"
+                );
+            }
+        }
+    }
+
+    /// Writes what is queued, signs a final checkpoint, and stops the writer.
+    pub async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Close(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+fn load_or_create_key(path: &Path) -> Result<SigningKey, AuditError> {
+    let key_err = |reason: String| AuditError::Key {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|e| key_err(format!("not hex: {e}")))?;
+            let seed: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| key_err("expected a 32-byte ed25519 seed".into()))?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| key_err(format!("no randomness: {e}")))?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(path))?;
+            file.write_all(format!("{}\n", hex::encode(seed)).as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(path))?;
+            tracing::info!(path = %path.display(), "created the audit signing key");
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+type Scan = (Frontier, Option<(u64, PathBuf)>, Option<String>, usize);
+
+/// Rebuilds the frontier from every segment, cutting a torn final record.
+fn scan(dir: &Path) -> Result<Scan, AuditError> {
+    let found = segments(dir).map_err(io(dir))?;
+    let mut frontier = Frontier::default();
+    let mut cut = None;
+    let last_index = found.len().saturating_sub(1);
+    for (i, (_, path)) in found.iter().enumerate() {
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let frames = read_frames(&bytes);
+        for (_, payload) in &frames.records {
+            frontier.push(leaf_hash(payload));
+        }
+        if let Some(bad) = frames.bad {
+            if i == last_index && bad.at_end {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io(path))?;
+                file.set_len(bad.offset)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io(path))?;
+                let what = format!(
+                    "cut a torn final record from {} at offset {} ({}; {} bytes)",
+                    path.display(),
+                    bad.offset,
+                    bad.reason,
+                    bytes.len() as u64 - bad.offset
+                );
+                tracing::warn!("audit log: {what}");
+                cut = Some(what);
+            } else {
+                return Err(AuditError::Damaged {
+                    path: path.display().to_string(),
+                    reason: format!("offset {}: {}", bad.offset, bad.reason),
+                });
+            }
+        }
+    }
+    let count = found.len();
+    Ok((frontier, found.into_iter().last(), cut, count))
+}
+
+/// Drops a torn final checkpoint line and returns the last whole checkpoint.
+fn trim_checkpoints(dir: &Path) -> Result<Option<Checkpoint>, AuditError> {
+    let path = dir.join(CHECKPOINTS_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if whole < text.len() {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.set_len(whole as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(io(&path))?;
+        tracing::warn!(path = %path.display(), "audit log: cut a torn final checkpoint line");
+    }
+    let last = text[..whole]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .next_back()
+        .map(serde_json::from_slice::<Checkpoint>)
+        .transpose()
+        .map_err(|e| AuditError::Damaged {
+            path: path.display().to_string(),
+            reason: format!("the last checkpoint is not valid: {e}"),
+        })?;
+    Ok(last)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    config: AuditConfig,
+    segment: File,
+    segment_number: u64,
+    segment_size: u64,
+    frontier: Frontier,
+    checkpointed: u64,
+    last_checkpoint_at: Instant,
+    checkpoints: File,
+    key: SigningKey,
+    capacity: usize,
+}
+
+/// Records written per batch at most, so one fsync never waits on an unbounded write.
+const MAX_BATCH: usize = 4096;
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "audit writer cannot start");
+                return;
+            }
+        };
+        let interval = Duration::from_millis(self.config.checkpoint_interval_ms.max(1));
+        let mut buf = Vec::with_capacity(64 * 1024);
+        loop {
+            let wait = interval.saturating_sub(self.last_checkpoint_at.elapsed());
+            let first = runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+            let first = match first {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    self.finish();
+                    return;
+                }
+                Err(_) => {
+                    self.checkpoint_if_due(true);
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => batch.push(msg),
+                    Err(_) => break,
+                }
+            }
+            let mut waiters = Vec::new();
+            let mut closing = None;
+            buf.clear();
+            for msg in batch {
+                match msg {
+                    Msg::Append {
+                        mut record,
+                        enqueued,
+                        done,
+                    } => {
+                        record.seq = self.frontier.size();
+                        let payload = serde_json::to_vec(&record).expect("records serialize");
+                        frame(&payload, &mut buf);
+                        self.frontier.push(leaf_hash(&payload));
+                        waiters.push((record.seq, enqueued, done));
+                    }
+                    Msg::Close(done) => closing = Some(done),
+                }
+            }
+            let result = self.write(&buf);
+            let n = waiters.len() as u64;
+            metrics::counter!(AUDIT_RECORDS_TOTAL).increment(n);
+            metrics::gauge!(AUDIT_QUEUE_DEPTH).set((self.capacity - rx.capacity()) as f64);
+            for (seq, enqueued, done) in waiters {
+                metrics::histogram!(AUDIT_COMMIT_SECONDS).record(enqueued.elapsed().as_secs_f64());
+                if let Some(done) = done {
+                    let _ = done.send(result.clone().map(|()| seq));
+                }
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, "audit log write failed");
+            }
+            self.checkpoint_if_due(false);
+            if let Some(done) = closing {
+                self.finish();
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<(), String> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.segment.write_all(buf).map_err(|e| e.to_string())?;
+        self.segment_size += buf.len() as u64;
+        if self.config.commit == CommitMode::Sync {
+            self.segment.sync_data().map_err(|e| e.to_string())?;
+        }
+        if self.segment_size >= self.config.segment_bytes {
+            self.rotate().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.segment.sync_all()?;
+        let number = self.segment_number + 1;
+        let path = self.dir.join(segment_name(number));
+        self.segment = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        self.segment_number = number;
+        self.segment_size = 0;
+        sync_dir(&self.dir);
+        Ok(())
+    }
+
+    fn checkpoint_if_due(&mut self, timer: bool) {
+        let pending = self.frontier.size() - self.checkpointed;
+        let due = pending >= self.config.checkpoint_every
+            || (pending > 0
+                && (timer
+                    || self.last_checkpoint_at.elapsed().as_millis() as u64
+                        >= self.config.checkpoint_interval_ms));
+        if due {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "audit checkpoint failed");
+            }
+        } else if timer {
+            self.last_checkpoint_at = Instant::now();
+        }
+    }
+
+    /// Signs the current tree. The records it covers are made durable first, so a
+    /// checkpoint never vouches for records a crash could take back.
+    fn checkpoint(&mut self) -> std::io::Result<()> {
+        self.segment.sync_data()?;
+        let size = self.frontier.size();
+        let root = hex::encode(self.frontier.root());
+        let time_ms = now_ms();
+        let signature = self.key.sign(&Checkpoint::message(size, &root, time_ms));
+        let cp = Checkpoint {
+            tree_size: size,
+            root,
+            time_ms,
+            signature: hex::encode(signature.to_bytes()),
+        };
+        let mut line = serde_json::to_vec(&cp).expect("checkpoints serialize");
+        line.push(b'\n');
+        self.checkpoints.write_all(&line)?;
+        self.checkpoints.sync_data()?;
+        self.checkpointed = size;
+        self.last_checkpoint_at = Instant::now();
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if self.frontier.size() > self.checkpointed {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "final audit checkpoint failed");
+            }
+        }
+        let _ = self.segment.sync_all();
+    }
+}
