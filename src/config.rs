@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONSTITUTION_HASH: &str = "cdd01ef066bc6cf2";
 
 /// Filters this build can run. Routes naming anything else are refused at load.
-pub const KNOWN_FILTERS: &[&str] = &[];
+pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "audit"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,29 @@ pub struct Config {
     pub constitution: ConstitutionConfig,
     pub clusters: BTreeMap<String, ClusterConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Settings of each filter, shared by every route that lists it.
+    #[serde(default)]
+    pub filters: FiltersConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FiltersConfig {
+    /// Defaults to `{mode: enforce}` for routes that list the filter.
+    #[serde(default)]
+    pub constitutional_hash: Option<acge_filters::hash::HashConfig>,
+    /// Needed by routes that list `audit` (its `dir` has no default).
+    #[serde(default)]
+    pub audit: Option<acge_filters::audit::AuditConfig>,
+}
+
+impl Config {
+    /// Whether any route runs the filter `name`.
+    pub fn uses_filter(&self, name: &str) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.filters.iter().any(|f| f == name))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,8 +166,12 @@ pub struct RouteConfig {
     /// Honour `x-acge-version: blue|green` from clients (for testing a version directly).
     #[serde(default)]
     pub version_override: bool,
+    /// Filter names, run in this order (see docs/filters.md).
     #[serde(default)]
     pub filters: Vec<String>,
+    /// Largest body a filter may buffer, request or response; 413 beyond it.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +213,9 @@ mod defaults {
     }
     pub fn idle_timeout_ms() -> u64 {
         90_000
+    }
+    pub fn max_body_bytes() -> u64 {
+        1024 * 1024
     }
 }
 
@@ -294,6 +324,12 @@ impl Config {
         }
         if let Some(token) = &mut self.admin.token_file {
             resolve(token);
+        }
+        if let Some(audit) = &mut self.filters.audit {
+            resolve(&mut audit.dir);
+            if let Some(key) = &mut audit.key_file {
+                resolve(key);
+            }
         }
     }
 
@@ -449,7 +485,35 @@ impl Config {
                         format!("routes[{i}].filters[{j}]"),
                         format!("`{filter}` is listed twice"),
                     );
+                } else if filter == "audit" && self.filters.audit.is_none() {
+                    err(
+                        format!("routes[{i}].filters[{j}]"),
+                        "`audit` needs a `filters.audit` section with its `dir`".into(),
+                    );
                 }
+            }
+        }
+        if http::HeaderValue::from_str(&self.constitution.hash).is_err() {
+            err(
+                "constitution.hash".into(),
+                "must be printable ASCII (it travels in a header)".into(),
+            );
+        }
+        if let Some(audit) = &self.filters.audit {
+            if audit.queue == 0 {
+                err("filters.audit.queue".into(), "must be at least 1".into());
+            }
+            if audit.checkpoint_every == 0 {
+                err(
+                    "filters.audit.checkpoint_every".into(),
+                    "must be at least 1".into(),
+                );
+            }
+            if audit.segment_bytes < 4096 {
+                err(
+                    "filters.audit.segment_bytes".into(),
+                    format!("{} is too small (at least 4096)", audit.segment_bytes),
+                );
             }
         }
         if let Some(tls) = &self.listener.tls {

@@ -216,9 +216,13 @@ pub struct Demo {
     pub token: String,
 }
 
-/// Starts every backend the demo config names, then the proxy.
-pub async fn start(token: String) -> Result<Demo, DemoError> {
-    let config = Config::from_yaml(DEMO_CONFIG, "config/demo.yaml (embedded)")?;
+/// Starts every backend the demo config names, then the proxy, keeping state (the
+/// audit log) under `dir`.
+pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoError> {
+    let mut config = Config::from_yaml(DEMO_CONFIG, "config/demo.yaml (embedded)")?;
+    if let Some(audit) = &mut config.filters.audit {
+        audit.dir = dir.join("audit");
+    }
     let mut backends = Vec::new();
     for (name, cluster) in &config.clusters {
         let Some((service, version)) = cluster_role(name) else {
@@ -252,6 +256,12 @@ pub fn banner(demo: &Demo) -> String {
     let proxy = demo.proxy.proxy_addr;
     let admin = demo.proxy.admin_addr;
     let token = &demo.token;
+    let audit = demo
+        .proxy
+        .audit
+        .as_ref()
+        .map(|a| a.dir().display().to_string())
+        .unwrap_or_default();
     let mut routes = String::new();
     for route in demo.proxy.routes.iter() {
         let service = SERVICES.iter().find(|s| s.name == &*route.name);
@@ -272,6 +282,8 @@ pub fn banner(demo: &Demo) -> String {
          curl -s -X PUT http://{admin}/routes/auth/weights -H 'Authorization: Bearer {token}' -d '{{\"green\": 50}}'\n\n\
          see the weights and the metrics:\n  \
          curl -s http://{admin}/weights\n  curl -s http://{admin}/metrics | grep acge_\n\n\
+         every exchange is in the audit log; after the demo, verify it:\n  \
+         acge-proxy audit verify {audit}\n\n\
          Ctrl-C stops the demo.\n"
     )
 }

@@ -28,6 +28,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use acge_filters::audit::{AuditFilter, AuditLog};
+use acge_filters::hash::HashFilter;
+use acge_filters::{Chain, Filter};
+
 use crate::admin::{Admin, TokenSource};
 use crate::config::Config;
 use crate::server::ServerOptions;
@@ -67,6 +71,10 @@ pub enum StartError {
     },
     #[error("listener.tls: {0}")]
     Tls(#[from] server::TlsError),
+    #[error("filters.audit: {0}")]
+    Audit(#[from] acge_filters::audit::AuditError),
+    #[error("constitution.hash: {0}")]
+    Hash(#[from] http::header::InvalidHeaderValue),
 }
 
 /// How to start, beyond the config file.
@@ -80,17 +88,80 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub routes: Arc<RouteTable>,
+    /// The audit log, when a route runs the audit filter.
+    pub audit: Option<Arc<AuditLog>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (up to the drain timeout), returns.
+    /// Stops accepting, drains in-flight requests (up to the drain timeout), then
+    /// writes what the audit log still holds and signs its last checkpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        if let Some(audit) = self.audit {
+            audit.close().await;
+        }
+    }
+}
+
+/// The filters this config runs, built once and shared by every route that lists them.
+struct Filters {
+    hash: Option<Arc<HashFilter>>,
+    audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
+}
+
+impl Filters {
+    fn build(config: &Config) -> Result<Self, StartError> {
+        let hash = if config.uses_filter("constitutional_hash") {
+            let settings = config
+                .filters
+                .constitutional_hash
+                .clone()
+                .unwrap_or_default();
+            Some(Arc::new(HashFilter::new(
+                &config.constitution.hash,
+                &settings,
+            )?))
+        } else {
+            None
+        };
+        let audit = match (&config.filters.audit, config.uses_filter("audit")) {
+            (Some(settings), true) => {
+                let (log, report) = AuditLog::open(settings)?;
+                tracing::info!(
+                    dir = %settings.dir.display(),
+                    records = report.records,
+                    segments = report.segments,
+                    cut = report.cut.as_deref().unwrap_or("nothing"),
+                    "audit log open"
+                );
+                Some((log.clone(), Arc::new(AuditFilter::new(log))))
+            }
+            _ => None,
+        };
+        Ok(Self { hash, audit })
+    }
+
+    fn chain(&self, route: &config::RouteConfig) -> Chain {
+        let filters = route
+            .filters
+            .iter()
+            .filter_map(|name| -> Option<Arc<dyn Filter>> {
+                match name.as_str() {
+                    "constitutional_hash" => self.hash.clone().map(|f| f as Arc<dyn Filter>),
+                    "audit" => self
+                        .audit
+                        .as_ref()
+                        .map(|(_, f)| f.clone() as Arc<dyn Filter>),
+                    _ => None,
+                }
+            })
+            .collect();
+        Chain::new(filters)
     }
 }
 
@@ -125,7 +196,10 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         .iter()
         .map(|(name, c)| (name.clone(), Arc::new(Cluster::new(name, c))))
         .collect();
-    let routes = Arc::new(RouteTable::new(&config.routes, &clusters));
+    let filters = Filters::build(&config)?;
+    let routes = Arc::new(RouteTable::new(&config.routes, &clusters, |r| {
+        filters.chain(r)
+    }));
     let proxy = Arc::new(proxy::Proxy::new(
         routes.clone(),
         tls.is_some(),
@@ -185,6 +259,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         proxy_addr,
         admin_addr,
         routes,
+        audit: filters.audit.map(|(log, _)| log),
         shutdown,
         tasks,
     })

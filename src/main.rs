@@ -38,6 +38,45 @@ enum Command {
     Demo {
         #[arg(long)]
         workers: Option<usize>,
+        /// Where the demo keeps its state (the audit log in DIR/audit).
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+    },
+    /// Read the tamper-evident audit log back.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute every record, checkpoint signature and consistency; name the first
+    /// bad place and exit 1, or print OK.
+    Verify { dir: PathBuf },
+    /// Print an inclusion proof (JSON) of record INDEX against the first checkpoint
+    /// that covers it.
+    Prove {
+        dir: PathBuf,
+        #[arg(long)]
+        index: u64,
+    },
+    /// Check an inclusion proof: its checkpoint's signature and the record's path to
+    /// the signed root. The public key comes from the log's directory or is given.
+    CheckProof {
+        /// The proof, as `audit prove` printed it ("-" for standard input).
+        #[arg(long)]
+        proof: PathBuf,
+        /// The log directory whose audit.pub to trust.
+        #[arg(
+            long,
+            conflicts_with = "public_key",
+            required_unless_present = "public_key"
+        )]
+        dir: Option<PathBuf>,
+        /// The ed25519 public key, hex.
+        #[arg(long)]
+        public_key: Option<String>,
     },
 }
 
@@ -77,8 +116,60 @@ fn main() -> ExitCode {
             let workers = workers.or(config.listener.workers);
             report(block_on(workers, run(config)))
         }
-        Command::Demo { workers } => report(block_on(workers, demo())),
+        Command::Demo { workers, dir } => report(block_on(workers, demo(dir))),
+        Command::Audit { command } => audit(command),
     }
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    use acge_filters::audit::verify;
+    let outcome: Result<String, String> = match command {
+        AuditCommand::Verify { dir } => verify::verify(&dir)
+            .map(|summary| summary.to_string())
+            .map_err(|problems| format!("FAILED: {}", problems.join("\n"))),
+        AuditCommand::Prove { dir, index } => verify::prove(&dir, index)
+            .map(|proof| serde_json::to_string_pretty(&proof).expect("proofs serialize")),
+        AuditCommand::CheckProof {
+            proof,
+            dir,
+            public_key,
+        } => check_proof(&proof, dir.as_deref(), public_key.as_deref()),
+    };
+    match outcome {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_proof(
+    proof: &std::path::Path,
+    dir: Option<&std::path::Path>,
+    key: Option<&str>,
+) -> Result<String, String> {
+    use acge_filters::audit::verify;
+    let text = if proof.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(proof).map_err(|e| format!("{}: {e}", proof.display()))?
+    };
+    let proof: verify::InclusionProof =
+        serde_json::from_str(&text).map_err(|e| format!("not an inclusion proof: {e}"))?;
+    let key = match (dir, key) {
+        (Some(dir), _) => verify::read_public_key(dir)?,
+        (None, Some(hex)) => verify::parse_public_key(hex)?,
+        (None, None) => return Err("give --dir or --public-key".into()),
+    };
+    verify::check_proof(&proof, &key).map_err(|e| format!("FAILED: {e}"))?;
+    Ok(format!(
+        "OK: record {} is in the log of {} records signed at {} ms (root {})",
+        proof.index, proof.checkpoint.tree_size, proof.checkpoint.time_ms, proof.checkpoint.root
+    ))
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -121,12 +212,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo() -> anyhow::Result<()> {
+async fn demo(dir: PathBuf) -> anyhow::Result<()> {
     let token = match std::env::var("ACGE_ADMIN_TOKEN") {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => format!("demo-{}", uuid::Uuid::new_v4().simple()),
     };
-    let demo = acge_proxy::demo::start(token).await?;
+    let demo = acge_proxy::demo::start(token, &dir).await?;
     println!("{}", acge_proxy::demo::banner(&demo));
     shutdown_signal().await;
     demo.proxy.shutdown().await;

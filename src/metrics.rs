@@ -17,6 +17,10 @@ pub const REQUESTS_TOTAL: &str = "acge_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "acge_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "acge_upstream_errors_total";
 pub const GREEN_WEIGHT: &str = "acge_green_weight";
+pub use acge_filters::metrics::{
+    AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, HASH_CHECKS_TOTAL,
+    HASH_CONSISTENCY_RATIO,
+};
 
 /// Explicit buckets (0.5 ms to 10 s) so that Prometheus can aggregate quantiles across
 /// pods; a summary could not be.
@@ -36,6 +40,11 @@ pub fn install() -> PrometheusHandle {
                     LATENCY_BUCKETS,
                 )
                 .expect("the latency bucket list is a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(AUDIT_COMMIT_SECONDS.into()),
+                    acge_filters::metrics::COMMIT_BUCKETS,
+                )
+                .expect("the commit bucket list is a non-empty constant")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -52,7 +61,8 @@ const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The handles one route records into, per version.
 pub struct RouteMetrics {
     route: String,
-    versions: [VersionMetrics; 2],
+    /// Blue, green, and "none" (answered before a version was chosen).
+    versions: [VersionMetrics; 3],
     green_weight: Gauge,
 }
 
@@ -63,24 +73,28 @@ struct VersionMetrics {
 
 impl RouteMetrics {
     pub fn new(route: &str) -> Self {
-        let version = |v: Version| {
+        let version = |v: &'static str| {
             VersionMetrics {
             requests: CODE_CLASSES.map(|class| {
-                counter!(REQUESTS_TOTAL, "route" => route.to_string(), "version" => v.as_str(), "code_class" => class)
+                counter!(REQUESTS_TOTAL, "route" => route.to_string(), "version" => v, "code_class" => class)
             }),
-            duration: histogram!(REQUEST_DURATION_SECONDS, "route" => route.to_string(), "version" => v.as_str()),
+            duration: histogram!(REQUEST_DURATION_SECONDS, "route" => route.to_string(), "version" => v),
         }
         };
         Self {
             route: route.to_string(),
-            versions: [version(Version::Blue), version(Version::Green)],
+            versions: [
+                version(Version::Blue.as_str()),
+                version(Version::Green.as_str()),
+                version("none"),
+            ],
             green_weight: gauge!(GREEN_WEIGHT, "route" => route.to_string()),
         }
     }
 
     /// One finished request: its status and the time until its response head.
-    pub fn record(&self, version: Version, status: u16, elapsed: Duration) {
-        let v = &self.versions[version as usize];
+    pub fn record(&self, version: Option<Version>, status: u16, elapsed: Duration) {
+        let v = &self.versions[version.map_or(2, |v| v as usize)];
         let class = (status / 100).clamp(1, 5) as usize - 1;
         v.requests[class].increment(1);
         v.duration.record(elapsed.as_secs_f64());

@@ -1,23 +1,35 @@
-//! One request's life: route → split → upstream → response, with the header hygiene of
-//! a well-behaved intermediary.
+//! One request's life: route → filter chain (request) → split → upstream → filter chain
+//! (response) → log, with the header hygiene of a well-behaved intermediary.
 //!
-//! Bodies stream both ways: the client's body is handed to the upstream client as it
-//! arrives, and the upstream's body to the client. Nothing here buffers. This module
-//! does not accept connections (`server.rs`) and does not choose weights (`split.rs`).
+//! Bodies stream both ways unless a filter on the route asks for one whole (bounded by
+//! the route's `max_body_bytes`, 413 beyond it). A route without filters takes a path
+//! with no buffering and no log phase at all. This module does not accept connections
+//! (`server.rs`), choose weights (`split.rs`) or implement filters (`acge-filters`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use acge_filters::json_error;
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE,
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use acge_filters::{
+    json_error, Attributes, Chain, Exchange, RequestCtx, ResponseCtx, Verdict,
+    CLIENT_CLOSED_REQUEST,
 };
-use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 
-use crate::split::{RouteTable, OVERRIDE_HEADER};
+use crate::split::{Route, RouteTable, Version, OVERRIDE_HEADER};
+use crate::upstream::UpstreamError;
 use crate::{local, metrics, Body};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,7 +75,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         peer: SocketAddr,
         request_id: &HeaderValue,
     ) -> Response<Body> {
@@ -88,18 +100,244 @@ impl Proxy {
                 format!("no route matches the path {}", req.uri().path()),
             ));
         };
-        let choice = match route.splitter.choose(req.headers()) {
-            Ok(choice) => choice,
+        if route.chain.is_empty() {
+            self.forward_plain(&route, req, peer, request_id, start)
+                .await
+        } else {
+            self.forward_filtered(&route, req, peer, request_id, start)
+                .await
+        }
+    }
+
+    /// A route without filters: nothing is buffered, nothing waits for a log phase.
+    async fn forward_plain(
+        &self,
+        route: &Route,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Response<Body> {
+        let version = match route.splitter.choose(req.headers()) {
+            Ok(choice) => choice.version,
             Err(e) => {
-                metrics::unrouted(400);
-                return local(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_version_override",
-                    e.to_string(),
-                ));
+                route.metrics.record(None, 400, start.elapsed());
+                return local(bad_override(e));
             }
         };
+        self.prepare_upstream(&mut req, peer, request_id);
+        let upstream_req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        let result = route.cluster(version).send(upstream_req).await;
+        let res = upstream_answer(route, version, result);
+        route
+            .metrics
+            .record(Some(version), res.status().as_u16(), start.elapsed());
+        res
+    }
 
+    /// A route with filters: request phases, split, upstream, response phases, and a
+    /// log phase that runs exactly once, whenever and however the exchange ends.
+    async fn forward_filtered(
+        &self,
+        route: &Arc<Route>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let request_id: Arc<str> = request_id.to_str().unwrap_or_default().into();
+        let path = parts.uri.path().to_string();
+        let mut log = LogGuard::new(route, &request_id, &parts.method, &path, start);
+
+        let (buffered, streaming) = if route.chain.wants_body() {
+            let body = body.map_err(Into::into).boxed_unsync();
+            match read_body(body, &parts.headers, route.max_body_bytes).await {
+                Ok(bytes) => (Some(bytes), None),
+                Err(refusal) => {
+                    let answer = Answer::local(refusal, None);
+                    return self
+                        .finish(
+                            route,
+                            answer,
+                            Attributes::default(),
+                            &parts.method,
+                            &path,
+                            &request_id,
+                            log,
+                            start,
+                        )
+                        .await;
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+        let mut ctx = RequestCtx {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: std::mem::take(&mut parts.headers),
+            body: buffered,
+            route: route.name.clone(),
+            request_id: request_id.clone(),
+            attributes: Attributes::default(),
+        };
+        if let Verdict::Respond(refusal) = route.chain.on_request(&mut ctx).await {
+            let answer = Answer::local(local(refusal), None);
+            return self
+                .finish(
+                    route,
+                    answer,
+                    ctx.attributes,
+                    &parts.method,
+                    &path,
+                    &request_id,
+                    log,
+                    start,
+                )
+                .await;
+        }
+        parts.headers = ctx.headers;
+        let version = match route.splitter.choose(&parts.headers) {
+            Ok(choice) => choice.version,
+            Err(e) => {
+                let answer = Answer::local(local(bad_override(e)), None);
+                return self
+                    .finish(
+                        route,
+                        answer,
+                        ctx.attributes,
+                        &parts.method,
+                        &path,
+                        &request_id,
+                        log,
+                        start,
+                    )
+                    .await;
+            }
+        };
+        log.version(version);
+        let body = match (ctx.body, streaming) {
+            (Some(bytes), _) => {
+                parts.headers.remove(CONTENT_LENGTH);
+                full_body(bytes)
+            }
+            (None, Some(stream)) => stream.map_err(Into::into).boxed_unsync(),
+            (None, None) => crate::empty_body(),
+        };
+        let mut upstream_req = Request::from_parts(parts, body);
+        self.prepare_upstream(
+            &mut upstream_req,
+            peer,
+            &HeaderValue::from_str(&request_id).unwrap_or_else(|_| new_request_id()),
+        );
+        let method = upstream_req.method().clone();
+        let result = route.cluster(version).send(upstream_req).await;
+        let answer = match result {
+            Ok(res) => Answer {
+                response: res,
+                from: Some(version),
+                metric_version: Some(version),
+            },
+            Err(e) => Answer::local(upstream_answer(route, version, Err(e)), Some(version)),
+        };
+        self.finish(
+            route,
+            answer,
+            ctx.attributes,
+            &method,
+            &path,
+            &request_id,
+            log,
+            start,
+        )
+        .await
+    }
+
+    /// Runs the response phases over an answer and hands it back with the log phase
+    /// attached to the end of its body.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        route: &Route,
+        answer: Answer,
+        attributes: Attributes,
+        method: &Method,
+        path: &str,
+        request_id: &Arc<str>,
+        mut log: LogGuard,
+        start: Instant,
+    ) -> Response<Body> {
+        let (mut parts, body) = answer.response.into_parts();
+        let (buffered, streaming) = match answer.from {
+            Some(_) if route.chain.wants_response_body() => {
+                match read_body(body, &parts.headers, route.max_body_bytes).await {
+                    Ok(bytes) => (Some(bytes), None),
+                    Err(_) => {
+                        let refusal = json_error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_response_too_large",
+                            format!(
+                                "the response body is over the route's {} bytes",
+                                route.max_body_bytes
+                            ),
+                        );
+                        let (p, b) = refusal.into_parts();
+                        parts = p;
+                        (b.into_inner(), None)
+                    }
+                }
+            }
+            _ => (None, Some(body)),
+        };
+        let mut res = ResponseCtx {
+            status: parts.status,
+            headers: std::mem::take(&mut parts.headers),
+            body: buffered,
+            route: route.name.clone(),
+            request_id: request_id.clone(),
+            method: method.clone(),
+            path: path.to_string(),
+            version: answer.from.map(Version::as_str),
+            elapsed: start.elapsed(),
+            attributes,
+        };
+        route.chain.on_response(&mut res).await;
+        parts.status = res.status;
+        parts.headers = res.headers;
+        let body = match (res.body, streaming) {
+            (Some(bytes), _) => {
+                // Filters may have replaced or rewritten it; hyper counts the new one.
+                parts.headers.remove(CONTENT_LENGTH);
+                full_body(bytes)
+            }
+            (None, Some(stream)) => stream,
+            (None, None) => crate::empty_body(),
+        };
+        route.metrics.record(
+            answer.metric_version,
+            parts.status.as_u16(),
+            start.elapsed(),
+        );
+        log.answered(parts.status, res.attributes);
+        Response::from_parts(
+            parts,
+            LoggedBody {
+                body,
+                log: Some(log),
+            }
+            .boxed_unsync(),
+        )
+    }
+
+    /// Header hygiene for the hop to the upstream.
+    fn prepare_upstream<B>(
+        &self,
+        req: &mut Request<B>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+    ) {
+        let authority = req.uri().authority().cloned();
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         append_forwarded_for(headers, peer);
@@ -107,39 +345,224 @@ impl Proxy {
         headers.insert(X_REQUEST_ID, request_id.clone());
         if !headers.contains_key(HOST) {
             // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host.
-            if let Some(host) = req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                req.headers_mut().insert(HOST, host);
+            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                headers.insert(HOST, host);
             }
         }
+    }
+}
 
-        let upstream_req = req.map(|body| body.map_err(Into::into).boxed_unsync());
-        let result = route.cluster(choice.version).send(upstream_req).await;
-        let elapsed = start.elapsed();
-        match result {
-            Ok(mut res) => {
-                strip_hop_by_hop(res.headers_mut());
-                route
-                    .metrics
-                    .record(choice.version, res.status().as_u16(), elapsed);
-                res
+/// An answer on its way back: the upstream's, or one made here.
+struct Answer {
+    response: Response<Body>,
+    /// The version whose upstream answered; None for a local answer.
+    from: Option<Version>,
+    /// The version the request went to, for metrics (set for upstream failures too).
+    metric_version: Option<Version>,
+}
+
+impl Answer {
+    fn local(response: Response<Body>, went_to: Option<Version>) -> Self {
+        Self {
+            response,
+            from: None,
+            metric_version: went_to,
+        }
+    }
+}
+
+/// The upstream's response with hop-by-hop headers dropped, or the failure as JSON.
+fn upstream_answer(
+    route: &Route,
+    version: Version,
+    result: Result<Response<Body>, UpstreamError>,
+) -> Response<Body> {
+    match result {
+        Ok(mut res) => {
+            strip_hop_by_hop(res.headers_mut());
+            res
+        }
+        Err(e) => {
+            tracing::debug!(route = %route.name, version = version.as_str(), error = %e, "upstream failed");
+            route.metrics.upstream_error(version, e.kind());
+            let mut res = local(json_error(e.status(), e.kind(), e.to_string()));
+            // Says which version failed, as the demo backends' x-acge-backend would.
+            res.headers_mut().insert(
+                HeaderName::from_static(OVERRIDE_HEADER),
+                HeaderValue::from_static(version.as_str()),
+            );
+            res
+        }
+    }
+}
+
+fn bad_override(e: crate::split::SplitError) -> acge_filters::LocalResponse {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "bad_version_override",
+        e.to_string(),
+    )
+}
+
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Reads a whole body, refusing with 413 past `limit` bytes (at once when the
+/// declared length says so, before reading anything).
+async fn read_body(body: Body, headers: &HeaderMap, limit: u64) -> Result<Bytes, Response<Body>> {
+    let too_large = |size: String| {
+        local(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("body is {size}; the route allows {limit} bytes"),
+        ))
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        return Err(too_large(format!("{n} bytes")));
+    }
+    // A plain loop rather than `Limited`: its error bound trips rustc's Send check
+    // for futures spawned onto the runtime.
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            local(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("the body could not be read: {e}"),
+            ))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(too_large("over the limit".into()));
             }
-            Err(e) => {
-                tracing::debug!(route = %route.name, version = choice.version.as_str(), error = %e, "upstream failed");
-                route.metrics.upstream_error(choice.version, e.kind());
-                route
-                    .metrics
-                    .record(choice.version, e.status().as_u16(), elapsed);
-                let mut res = local(json_error(e.status(), e.kind(), e.to_string()));
-                // Says which version failed, as the demo backends' x-acge-backend would.
-                res.headers_mut().insert(
-                    HeaderName::from_static(OVERRIDE_HEADER),
-                    HeaderValue::from_static(choice.version.as_str()),
-                );
-                res
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Runs the route's log phase exactly once: when the response body ends, or when
+/// whatever holds it is dropped (the client went away, the upstream failed mid-way).
+struct LogGuard {
+    chain: Chain,
+    exchange: Option<Exchange>,
+    start: Instant,
+}
+
+impl LogGuard {
+    fn new(
+        route: &Route,
+        request_id: &Arc<str>,
+        method: &Method,
+        path: &str,
+        start: Instant,
+    ) -> Self {
+        Self {
+            chain: route.chain.clone(),
+            exchange: Some(Exchange {
+                route: route.name.clone(),
+                request_id: request_id.clone(),
+                method: method.clone(),
+                path: path.to_string(),
+                version: None,
+                status: StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status"),
+                completed: false,
+                latency: Duration::ZERO,
+                attributes: Attributes::default(),
+            }),
+            start,
+        }
+    }
+
+    fn version(&mut self, version: Version) {
+        if let Some(e) = &mut self.exchange {
+            e.version = Some(version.as_str());
+        }
+    }
+
+    fn answered(&mut self, status: StatusCode, attributes: Attributes) {
+        if let Some(e) = &mut self.exchange {
+            e.status = status;
+            e.attributes = attributes;
+        }
+    }
+
+    fn complete(&mut self) {
+        if let Some(e) = &mut self.exchange {
+            e.completed = true;
+        }
+        self.fire();
+    }
+
+    fn fire(&mut self) {
+        if let Some(mut e) = self.exchange.take() {
+            e.latency = self.start.elapsed();
+            if !e.completed {
+                e.status =
+                    StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status");
+            }
+            self.chain.on_log(&e);
+        }
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+/// A response body that completes its exchange's log when it ends.
+struct LoggedBody {
+    body: Body,
+    log: Option<LogGuard>,
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            if let Some(mut log) = self.log.take() {
+                log.complete();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            // An empty body is never polled: it was complete when it was sent.
+            if self.body.is_end_stream() {
+                log.complete();
             }
         }
     }

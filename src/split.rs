@@ -166,6 +166,10 @@ pub struct Route {
     pub green: Arc<Cluster>,
     pub splitter: Splitter,
     pub metrics: RouteMetrics,
+    /// The route's filters, in order; empty for a plain proxy route.
+    pub chain: acge_filters::Chain,
+    /// Largest body a filter may have buffered, request or response.
+    pub max_body_bytes: u64,
 }
 
 impl Route {
@@ -195,6 +199,7 @@ impl RouteTable {
     pub fn new(
         configs: &[RouteConfig],
         clusters: &std::collections::HashMap<String, Arc<Cluster>>,
+        mut chain_of: impl FnMut(&RouteConfig) -> acge_filters::Chain,
     ) -> Self {
         let in_order: Vec<Arc<Route>> = configs
             .iter()
@@ -220,6 +225,8 @@ impl RouteTable {
                     green: clusters[&rc.green].clone(),
                     splitter: Splitter::new(weight, sticky, rc.version_override),
                     metrics,
+                    chain: chain_of(rc),
+                    max_body_bytes: rc.max_body_bytes,
                 })
             })
             .collect();

@@ -74,6 +74,8 @@ pub struct HashChecks {
     pub response: Option<HashResult>,
 }
 
+type RouteVersion = (Arc<str>, &'static str);
+
 #[derive(Default)]
 struct Consistency {
     consistent: AtomicU64,
@@ -85,7 +87,7 @@ pub struct HashFilter {
     expected_text: String,
     mode: HashMode,
     /// Per (route, version): responses checked and how many were consistent.
-    responses: RwLock<HashMap<(Arc<str>, &'static str), Arc<Consistency>>>,
+    responses: RwLock<HashMap<RouteVersion, Arc<Consistency>>>,
 }
 
 impl HashFilter {

@@ -115,7 +115,7 @@ pub struct OpenReport {
 
 enum Msg {
     Append {
-        record: AuditRecord,
+        record: Box<AuditRecord>,
         enqueued: Instant,
         done: Option<oneshot::Sender<Result<u64, String>>>,
     },
@@ -236,7 +236,7 @@ impl AuditLog {
                 let (done, wait) = oneshot::channel();
                 self.tx
                     .send(Msg::Append {
-                        record,
+                        record: Box::new(record),
                         enqueued,
                         done: Some(done),
                     })
@@ -249,7 +249,7 @@ impl AuditLog {
             CommitMode::Async => {
                 self.tx
                     .send(Msg::Append {
-                        record,
+                        record: Box::new(record),
                         enqueued,
                         done: None,
                     })
@@ -264,7 +264,7 @@ impl AuditLog {
     /// the record waits in a task of its own rather than being dropped.
     pub fn append_detached(self: &Arc<Self>, record: AuditRecord) {
         let msg = Msg::Append {
-            record,
+            record: Box::new(record),
             enqueued: Instant::now(),
             done: None,
         };
@@ -397,8 +397,7 @@ fn trim_checkpoints(dir: &Path) -> Result<Option<Checkpoint>, AuditError> {
     }
     let last = text[..whole]
         .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .next_back()
+        .rfind(|l| !l.is_empty())
         .map(serde_json::from_slice::<Checkpoint>)
         .transpose()
         .map_err(|e| AuditError::Damaged {
