@@ -237,13 +237,7 @@ pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoErr
             }
         }
     }
-    let proxy = crate::start(
-        config,
-        StartOptions {
-            admin_token: TokenSource::Fixed(token.clone()),
-        },
-    )
-    .await?;
+    let proxy = crate::start(config, StartOptions::new(TokenSource::Fixed(token.clone()))).await?;
     Ok(Demo {
         backends,
         proxy,

@@ -78,9 +78,23 @@ pub enum StartError {
 }
 
 /// How to start, beyond the config file.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StartOptions {
     pub admin_token: TokenSource,
+    /// Filters of your own, by the name routes list them under (for a program that
+    /// embeds acge-proxy; see docs/filters.md). They are looked up before the
+    /// built-in ones. Config validation knows only the built-in names, so add these
+    /// names to `RouteConfig::filters` after loading.
+    pub filters: Vec<(String, Arc<dyn Filter>)>,
+}
+
+impl StartOptions {
+    pub fn new(admin_token: TokenSource) -> Self {
+        Self {
+            admin_token,
+            filters: Vec::new(),
+        }
+    }
 }
 
 /// A started proxy: its bound addresses, its routes, and the handle to stop it.
@@ -146,11 +160,14 @@ impl Filters {
         Ok(Self { hash, audit })
     }
 
-    fn chain(&self, route: &config::RouteConfig) -> Chain {
+    fn chain(&self, route: &config::RouteConfig, custom: &[(String, Arc<dyn Filter>)]) -> Chain {
         let filters = route
             .filters
             .iter()
             .filter_map(|name| -> Option<Arc<dyn Filter>> {
+                if let Some((_, f)) = custom.iter().find(|(n, _)| n == name) {
+                    return Some(f.clone());
+                }
                 match name.as_str() {
                     "constitutional_hash" => self.hash.clone().map(|f| f as Arc<dyn Filter>),
                     "audit" => self
@@ -198,7 +215,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         .collect();
     let filters = Filters::build(&config)?;
     let routes = Arc::new(RouteTable::new(&config.routes, &clusters, |r| {
-        filters.chain(r)
+        filters.chain(r, &options.filters)
     }));
     let proxy = Arc::new(proxy::Proxy::new(
         routes.clone(),

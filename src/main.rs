@@ -204,8 +204,7 @@ fn block_on(
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let token = TokenSource::from_config(&config);
-    let running =
-        acge_proxy::start(config, acge_proxy::StartOptions { admin_token: token }).await?;
+    let running = acge_proxy::start(config, acge_proxy::StartOptions::new(token)).await?;
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;

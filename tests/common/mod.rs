@@ -73,7 +73,7 @@ routes:
 
 pub async fn start(yaml: &str, token: TokenSource) -> Running {
     let config = Config::from_yaml(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    acge_proxy::start(config, StartOptions { admin_token: token })
+    acge_proxy::start(config, StartOptions::new(token))
         .await
         .unwrap()
 }
@@ -212,4 +212,61 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         let rest = line.strip_prefix(series)?;
         rest.trim().parse().ok()
     })
+}
+
+/// An upstream that answers every request with 200, `body`, and these headers.
+pub async fn fixed_upstream(
+    headers: &'static [(&'static str, &'static str)],
+    body: &'static str,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(acge_proxy::server::serve(
+        l,
+        acge_proxy::server::ServerOptions::default(),
+        move |_req, _peer| async move {
+            let mut res = acge_proxy::full(Bytes::from_static(body.as_bytes()));
+            for (k, v) in headers {
+                res.headers_mut().insert(*k, v.parse().unwrap());
+            }
+            res
+        },
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// A config with one route `name` on `/svc` to `upstream` (blue and green alike),
+/// running `filters`, with `filters_section` YAML appended (top level).
+pub fn filtered_config(
+    name: &str,
+    upstream: SocketAddr,
+    filters: &str,
+    filters_section: &str,
+) -> String {
+    format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{upstream}\"]}}
+routes:
+  - name: {name}
+    match: {{path_prefix: /svc}}
+    blue: up
+    green: up
+    filters: [{filters}]
+{filters_section}"
+    )
+}
+
+/// Every record in an audit log directory, in order.
+pub fn audit_records(dir: &std::path::Path) -> Vec<acge_filters::audit::AuditRecord> {
+    let mut out = Vec::new();
+    for (_, path) in acge_filters::audit::segment::segments(dir).unwrap() {
+        let bytes = std::fs::read(path).unwrap();
+        for (_, payload) in acge_filters::audit::segment::read_frames(&bytes).records {
+            out.push(serde_json::from_slice(payload).unwrap());
+        }
+    }
+    out
 }
