@@ -33,11 +33,9 @@ async fn demo_upstream(name: &'static str) -> acge_proxy::demo::Backend {
         .unwrap()
 }
 
-fn metrics_text(p: &acge_proxy::Running) -> impl std::future::Future<Output = String> + '_ {
-    async move {
-        let r = get(&client(), &format!("http://{}/metrics", p.admin_addr), &[]).await;
-        String::from_utf8(r.body.to_vec()).unwrap()
-    }
+async fn metrics_text(p: &acge_proxy::Running) -> String {
+    let r = get(&client(), &format!("http://{}/metrics", p.admin_addr), &[]).await;
+    String::from_utf8(r.body.to_vec()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,11 +182,14 @@ async fn stamp_mode_adds_the_hash_for_legacy_clients() {
     );
 }
 
+/// (request id, status, completed, version) as the log phase saw them.
+type Logged = (String, u16, bool, Option<&'static str>);
+
 /// A filter that wants the body and remembers each exchange its log phase saw.
 #[derive(Default)]
 struct Recorder {
     bodies: Mutex<Vec<usize>>,
-    logged: Mutex<Vec<(String, u16, bool, Option<&'static str>)>>,
+    logged: Mutex<Vec<Logged>>,
 }
 
 #[async_trait]

@@ -1,0 +1,416 @@
+//! The audit log as an auditor uses it, through the `acge-proxy audit` commands: a
+//! crash under load loses no answered record, tampering of each kind is caught and
+//! placed, and inclusion proofs round-trip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use acge_filters::audit::segment::{read_frames, segments, FRAME_HEADER};
+use acge_filters::audit::{AuditConfig, AuditLog, AuditRecord, CommitMode};
+use common::*;
+use http::StatusCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_acge-proxy");
+
+fn audit_cmd(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).arg("audit").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn verify(dir: &Path) -> (bool, String) {
+    audit_cmd(&["verify", dir.to_str().unwrap()])
+}
+
+fn record(i: u64) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        request_id: format!("req-{i}"),
+        time_ms: 1_700_000_000_000 + i,
+        route: "auth".into(),
+        version: Some("blue".into()),
+        method: "POST".into(),
+        path: "/api/v1/auth/acge/validate".into(),
+        status: 200,
+        hash_request: Some("match".into()),
+        hash_response: Some("match".into()),
+        compliance: None,
+        principles: vec![],
+        decision: "allowed".into(),
+        latency_ms: 1.5,
+    }
+}
+
+/// A log of `n` records with a checkpoint every 10, closed cleanly.
+async fn write_log(dir: &Path, n: u64) {
+    let config = AuditConfig {
+        dir: dir.to_path_buf(),
+        commit: CommitMode::Sync,
+        checkpoint_every: 10,
+        checkpoint_interval_ms: 60_000,
+        segment_bytes: 4096,
+        queue: 64,
+        key_file: None,
+    };
+    let (log, report) = AuditLog::open(&config).unwrap();
+    assert_eq!(report.records, 0);
+    for i in 0..n {
+        log.append(record(i)).await.unwrap();
+    }
+    log.close().await;
+}
+
+/// (segment path, frame offsets) for every record, in order.
+fn frames(dir: &Path) -> Vec<(PathBuf, u64, usize)> {
+    let mut out = Vec::new();
+    for (_, path) in segments(dir).unwrap() {
+        let bytes = std::fs::read(&path).unwrap();
+        for (offset, payload) in read_frames(&bytes).records {
+            out.push((path.clone(), offset, payload.len()));
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+    }
+    to
+}
+
+#[tokio::test]
+async fn a_clean_log_verifies_and_spans_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 45).await;
+    assert!(
+        segments(dir.path()).unwrap().len() > 1,
+        "4 KiB segments rotate"
+    );
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(text.starts_with("OK: 45 records"), "{text}");
+    assert!(text.contains("5 checkpoints"), "{text}");
+}
+
+#[tokio::test]
+async fn each_kind_of_tampering_fails_verify_and_is_placed() {
+    let clean = tempfile::tempdir().unwrap();
+    write_log(clean.path(), 30).await;
+    let f = frames(clean.path());
+
+    // One flipped byte inside record 12.
+    let d = copy_dir(clean.path());
+    let (path, offset, _) = &f[12];
+    let path = d.path().join(path.file_name().unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[*offset as usize + FRAME_HEADER + 5] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(
+        text.contains("record 12 ") && text.contains("checksum mismatch"),
+        "{text}"
+    );
+
+    // Record 12 deleted.
+    let d = copy_dir(clean.path());
+    let (path, offset, len) = &f[12];
+    let path = d.path().join(path.file_name().unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.drain(*offset as usize..*offset as usize + FRAME_HEADER + len);
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(
+        text.contains("record 12 ") && text.contains("says it is record 13"),
+        "{text}"
+    );
+
+    // Records 12 and 13 swapped (they share a segment).
+    let d = copy_dir(clean.path());
+    let ((p12, o12, l12), (p13, _, l13)) = (&f[12], &f[13]);
+    assert_eq!(p12, p13, "test set-up: 12 and 13 in one segment");
+    let path = d.path().join(p12.file_name().unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let a = *o12 as usize;
+    let first = bytes[a..a + FRAME_HEADER + l12].to_vec();
+    let second =
+        bytes[a + FRAME_HEADER + l12..a + FRAME_HEADER + l12 + FRAME_HEADER + l13].to_vec();
+    let swapped = [second, first].concat();
+    bytes[a..a + swapped.len()].copy_from_slice(&swapped);
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(
+        text.contains("record 12 ") && text.contains("says it is record 13"),
+        "{text}"
+    );
+
+    // The last segment truncated in the middle of its last record.
+    let d = copy_dir(clean.path());
+    let (path, offset, _) = f.last().unwrap();
+    let path = d.path().join(path.file_name().unwrap());
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(offset + 5).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(
+        text.contains("record 29 ") && text.contains("torn or cut"),
+        "{text}"
+    );
+
+    // Whole records cut from the end: the checkpoint vouches for more than is there.
+    let d = copy_dir(clean.path());
+    let (path, offset, _) = &f[25];
+    let path = d.path().join(path.file_name().unwrap());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(*offset)
+        .unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(
+        text.contains("covers 30 records but the log holds 25"),
+        "{text}"
+    );
+
+    // A record rewritten with a valid checksum and sequence: only the tree catches it.
+    let d = copy_dir(clean.path());
+    let (path, offset, len) = &f[14];
+    let path = d.path().join(path.file_name().unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let start = *offset as usize + FRAME_HEADER;
+    let text = String::from_utf8(bytes[start..start + len].to_vec()).unwrap();
+    let forged = text.replace("\"status\":200", "\"status\":201");
+    assert_eq!(forged.len(), *len);
+    bytes[start..start + len].copy_from_slice(forged.as_bytes());
+    let crc = crc32fast::hash(forged.as_bytes()).to_le_bytes();
+    bytes[*offset as usize + 4..*offset as usize + 8].copy_from_slice(&crc);
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(!ok);
+    assert!(text.contains("a record in 10..19 was changed"), "{text}");
+}
+
+#[tokio::test]
+async fn inclusion_proofs_round_trip_and_a_changed_record_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 23).await;
+    let d = dir.path().to_str().unwrap();
+    for index in ["0", "9", "17", "22"] {
+        let (ok, proof) = audit_cmd(&["prove", d, "--index", index]);
+        assert!(ok, "{proof}");
+        let file = dir.path().join(format!("proof-{index}.json"));
+        std::fs::write(&file, &proof).unwrap();
+        let (ok, text) = audit_cmd(&["check-proof", "--proof", file.to_str().unwrap(), "--dir", d]);
+        assert!(ok, "{text}");
+        assert!(
+            text.starts_with(&format!("OK: record {index} is in the log")),
+            "{text}"
+        );
+    }
+    let proof = std::fs::read_to_string(dir.path().join("proof-9.json")).unwrap();
+    let changed = proof.replace("req-9", "req-X");
+    assert_ne!(proof, changed);
+    let file = dir.path().join("changed.json");
+    std::fs::write(&file, changed).unwrap();
+    let (ok, text) = audit_cmd(&["check-proof", "--proof", file.to_str().unwrap(), "--dir", d]);
+    assert!(!ok);
+    assert!(text.contains("record 9 is not in the tree"), "{text}");
+
+    let other_key = tempfile::tempdir().unwrap();
+    write_log(other_key.path(), 1).await;
+    let (ok, text) = audit_cmd(&[
+        "check-proof",
+        "--proof",
+        dir.path().join("proof-9.json").to_str().unwrap(),
+        "--dir",
+        other_key.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !ok,
+        "another log's key does not vouch for this checkpoint: {text}"
+    );
+    assert!(text.contains("signature does not match"), "{text}");
+}
+
+#[tokio::test]
+async fn restart_cuts_a_torn_final_record_and_keeps_every_other() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 12).await;
+    let f = frames(dir.path());
+    let (path, offset, len) = f.last().unwrap();
+    // A crash mid-write: half of a 13th record.
+    let mut bytes = std::fs::read(path).unwrap();
+    let tail = bytes[*offset as usize..*offset as usize + FRAME_HEADER + len].to_vec();
+    bytes.extend_from_slice(&tail[..tail.len() / 2]);
+    std::fs::write(path, &bytes).unwrap();
+    assert!(!verify(dir.path()).0);
+
+    let config = AuditConfig {
+        dir: dir.path().to_path_buf(),
+        commit: CommitMode::Sync,
+        checkpoint_every: 10,
+        checkpoint_interval_ms: 60_000,
+        segment_bytes: 4096,
+        queue: 64,
+        key_file: None,
+    };
+    let (log, report) = AuditLog::open(&config).unwrap();
+    assert_eq!(report.records, 12);
+    assert!(
+        report
+            .cut
+            .as_deref()
+            .unwrap_or("")
+            .contains("torn final record"),
+        "{report:?}"
+    );
+    assert_eq!(
+        log.append(record(12)).await.unwrap(),
+        12,
+        "the next record follows on"
+    );
+    log.close().await;
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(text.starts_with("OK: 13 records"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_answered_record_with_sync_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = acge_proxy::demo::spawn_backend(
+        "crash",
+        acge_proxy::split::Version::Blue,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let port = closed_port().await.port();
+    let admin = closed_port().await.port();
+    let audit_dir = dir.path().join("audit");
+    let config = dir.path().join("acge.yaml");
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:{port}}}
+admin: {{address: 127.0.0.1:{admin}}}
+clusters:
+  up: {{endpoints: [\"{}\"]}}
+routes:
+  - {{name: crash, match: {{path_prefix: /}}, blue: up, green: up, filters: [constitutional_hash, audit]}}
+filters:
+  constitutional_hash: {{mode: stamp}}
+  audit: {{dir: {}, commit: sync, checkpoint_every: 50}}
+",
+        up.addr,
+        audit_dir.display()
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let spawn = || {
+        Command::new(BIN)
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--workers",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    let url = format!("http://127.0.0.1:{port}/svc");
+    let c = client();
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok(Ok(res)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            c.request(
+                http::Request::get(&url)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            ),
+        )
+        .await
+        {
+            ready = res.status() == StatusCode::OK;
+            if ready {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the proxy came up");
+
+    // Eight clients send requests with their own ids until the proxy dies.
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for k in 0..8 {
+        let (answered, stop, url) = (answered.clone(), stop.clone(), url.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("c{k}-{i}");
+                i += 1;
+                let req = http::Request::get(&url)
+                    .header("x-request-id", &id)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match tokio::time::timeout(Duration::from_secs(2), c.request(req)).await {
+                    Ok(Ok(res)) if res.status() == StatusCode::OK => {
+                        answered.lock().unwrap().push(id)
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL: no drain, no final checkpoint
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(answered.len() > 50, "load ran: {} answers", answered.len());
+
+    // Restart (which cuts a torn tail, if the kill left one), stop cleanly, verify.
+    let mut child = spawn();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    child.wait().unwrap();
+    let (ok, text) = verify(&audit_dir);
+    assert!(ok, "{text}");
+
+    let logged: std::collections::HashSet<String> = audit_records(&audit_dir)
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    let lost: Vec<&String> = answered.iter().filter(|id| !logged.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} answered requests missing from the log, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
