@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
+use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO};
@@ -45,11 +46,11 @@ pub struct HashConfig {
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashResult {
-    Match,
-    Missing,
-    Mismatch,
+    Match = 0,
+    Missing = 1,
+    Mismatch = 2,
     /// Missing on a request, and added in stamp mode.
-    Stamped,
+    Stamped = 3,
 }
 
 impl HashResult {
@@ -76,18 +77,47 @@ pub struct HashChecks {
 
 type RouteVersion = (Arc<str>, &'static str);
 
-#[derive(Default)]
-struct Consistency {
+/// What one route and version has seen, with its metric handles registered once.
+struct Stats {
     consistent: AtomicU64,
     total: AtomicU64,
+    ratio: Gauge,
+    /// By [`HashResult`] index, per direction.
+    requests: [Counter; 4],
+    responses: [Counter; 4],
 }
+
+impl Stats {
+    fn new(route: &str, version: &'static str) -> Self {
+        let counters = |direction: &'static str| {
+            RESULTS.map(|r| {
+                metrics::counter!(HASH_CHECKS_TOTAL,
+                    "route" => route.to_string(), "version" => version,
+                    "direction" => direction, "result" => r.as_str())
+            })
+        };
+        Self {
+            consistent: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            ratio: metrics::gauge!(HASH_CONSISTENCY_RATIO, "route" => route.to_string(), "version" => version),
+            requests: counters("request"),
+            responses: counters("response"),
+        }
+    }
+}
+
+const RESULTS: [HashResult; 4] = [
+    HashResult::Match,
+    HashResult::Missing,
+    HashResult::Mismatch,
+    HashResult::Stamped,
+];
 
 pub struct HashFilter {
     expected: HeaderValue,
     expected_text: String,
     mode: HashMode,
-    /// Per (route, version): responses checked and how many were consistent.
-    responses: RwLock<HashMap<RouteVersion, Arc<Consistency>>>,
+    stats: RwLock<HashMap<RouteVersion, Arc<Stats>>>,
 }
 
 impl HashFilter {
@@ -100,7 +130,7 @@ impl HashFilter {
             expected: HeaderValue::from_str(expected)?,
             expected_text: expected.to_string(),
             mode: config.mode,
-            responses: RwLock::new(HashMap::new()),
+            stats: RwLock::new(HashMap::new()),
         })
     }
 
@@ -116,7 +146,7 @@ impl HashFilter {
     /// None before any was checked.
     pub fn consistency(&self, route: &str, version: &str) -> Option<f64> {
         let map = self
-            .responses
+            .stats
             .read()
             .expect("never poisoned: no panics under the lock");
         let c = map
@@ -127,40 +157,33 @@ impl HashFilter {
         (total > 0).then(|| c.consistent.load(Ordering::Relaxed) as f64 / total as f64)
     }
 
-    fn record_response(&self, route: &Arc<str>, version: &'static str, result: HashResult) {
+    /// The stats of one route and version; registered on first use, then read-locked.
+    fn stats(&self, route: &Arc<str>, version: &'static str) -> Arc<Stats> {
         let key = (route.clone(), version);
-        let existing = self
-            .responses
+        if let Some(s) = self
+            .stats
             .read()
             .expect("never poisoned: no panics under the lock")
             .get(&key)
-            .cloned();
-        let c = match existing {
-            Some(c) => c,
-            None => self
-                .responses
-                .write()
-                .expect("never poisoned: no panics under the lock")
-                .entry(key)
-                .or_default()
-                .clone(),
-        };
-        let total = c.total.fetch_add(1, Ordering::Relaxed) + 1;
-        let consistent = c
-            .consistent
-            .fetch_add(u64::from(result.consistent()), Ordering::Relaxed)
-            + u64::from(result.consistent());
-        metrics::gauge!(HASH_CONSISTENCY_RATIO, "route" => route.to_string(), "version" => version)
-            .set(consistent as f64 / total as f64);
-        count(route, version, "response", result);
+        {
+            return s.clone();
+        }
+        self.stats
+            .write()
+            .expect("never poisoned: no panics under the lock")
+            .entry(key)
+            .or_insert_with(|| Arc::new(Stats::new(route, version)))
+            .clone()
     }
-}
 
-fn count(route: &str, version: &'static str, direction: &'static str, result: HashResult) {
-    metrics::counter!(HASH_CHECKS_TOTAL,
-        "route" => route.to_string(), "version" => version,
-        "direction" => direction, "result" => result.as_str())
-    .increment(1);
+    fn record_response(&self, route: &Arc<str>, version: &'static str, result: HashResult) {
+        let s = self.stats(route, version);
+        let ok = u64::from(result.consistent());
+        let total = s.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let consistent = s.consistent.fetch_add(ok, Ordering::Relaxed) + ok;
+        s.ratio.set(consistent as f64 / total as f64);
+        s.responses[result as usize].increment(1);
+    }
 }
 
 #[async_trait]
@@ -241,12 +264,9 @@ impl Filter for HashFilter {
     fn on_log(&self, done: &Exchange) {
         // Requests are counted here, once the version they went to is known.
         if let Some(result) = done.attributes.get::<HashChecks>().and_then(|c| c.request) {
-            count(
-                &done.route,
-                done.version.unwrap_or("none"),
-                "request",
-                result,
-            );
+            self.stats(&done.route, done.version.unwrap_or("none"))
+                .requests[result as usize]
+                .increment(1);
         }
     }
 }
