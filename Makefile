@@ -26,6 +26,8 @@ test: setup-test
 bench:
 	scripts/setup.sh bench
 	benches/load.sh
+	$(CARGO) bench --bench chain
+	$(CARGO) bench --bench audit_append
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,93 @@
+//! Per-request cost of the filter chain: an empty chain against one running the
+//! constitutional hash filter, through request, response and log phases.
+//!
+//! `cargo bench --bench chain`
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use acge_filters::hash::{HashConfig, HashFilter, HashMode};
+use acge_filters::{Attributes, Chain, Exchange, Filter, RequestCtx, ResponseCtx};
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, Method, StatusCode, Uri};
+
+const HASH: &str = "cdd01ef066bc6cf2";
+
+fn headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "auth.acgs.svc"),
+        ("user-agent", "governance-client/2.1"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("x-user-id", "user-4711"),
+        ("x-request-id", "8f7791b1-f084-4fec-ad61-face80955679"),
+        ("x-constitutional-hash", HASH),
+    ] {
+        h.insert(k, v.parse().unwrap());
+    }
+    h
+}
+
+/// One exchange through every phase, as the proxy drives it.
+async fn exchange(chain: &Chain, route: &Arc<str>, id: &Arc<str>) {
+    let mut req = RequestCtx {
+        method: Method::POST,
+        uri: Uri::from_static("/api/v1/auth/acge/validate"),
+        headers: headers(),
+        body: None,
+        route: route.clone(),
+        request_id: id.clone(),
+        attributes: Attributes::default(),
+    };
+    let _ = chain.on_request(&mut req).await;
+    let mut res = ResponseCtx {
+        status: StatusCode::OK,
+        headers: headers(),
+        body: None,
+        route: route.clone(),
+        request_id: id.clone(),
+        method: Method::POST,
+        path: "/api/v1/auth/acge/validate".into(),
+        version: Some("green"),
+        elapsed: Duration::from_micros(300),
+        attributes: req.attributes,
+    };
+    chain.on_response(&mut res).await;
+    chain.on_log(&Exchange {
+        route: route.clone(),
+        request_id: id.clone(),
+        method: Method::POST,
+        path: res.path,
+        version: Some("green"),
+        status: res.status,
+        completed: true,
+        latency: Duration::from_micros(400),
+        attributes: res.attributes,
+    });
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let route: Arc<str> = "auth".into();
+    let id: Arc<str> = "8f7791b1-f084-4fec-ad61-face80955679".into();
+    let mut group = c.benchmark_group("chain");
+    let empty = Chain::new(vec![]);
+    group.bench_function("empty", |b| {
+        b.to_async(&rt).iter(|| exchange(&empty, &route, &id))
+    });
+    for mode in [HashMode::Enforce, HashMode::Stamp] {
+        let hash: Arc<dyn Filter> = Arc::new(HashFilter::new(HASH, &HashConfig { mode }).unwrap());
+        let chain = Chain::new(vec![hash]);
+        group.bench_function(
+            format!("constitutional_hash_{mode:?}").to_lowercase(),
+            |b| b.to_async(&rt).iter(|| exchange(&chain, &route, &id)),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
