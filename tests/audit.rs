@@ -102,6 +102,16 @@ async fn a_clean_log_verifies_and_spans_segments() {
     assert!(ok, "{text}");
     assert!(text.starts_with("OK: 45 records"), "{text}");
     assert!(text.contains("5 checkpoints"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("audit.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the signing key is readable by its owner only"
+    );
 }
 
 #[tokio::test]

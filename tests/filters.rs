@@ -412,3 +412,54 @@ async fn sync_audit_records_every_answered_exchange_before_it_is_answered() {
     assert_eq!(summary.records, 12);
     assert_eq!(summary.unsigned_tail, 0, "shutdown signs a last checkpoint");
 }
+
+/// A filter that reads whole responses and stamps their length.
+struct ResponseMeter;
+
+#[async_trait]
+impl Filter for ResponseMeter {
+    fn name(&self) -> &'static str {
+        "meter"
+    }
+    fn wants_response_body(&self) -> bool {
+        true
+    }
+    async fn on_response(&self, res: &mut acge_filters::ResponseCtx) -> Verdict {
+        let len = res.body.as_ref().map_or(0, |b| b.len());
+        res.headers.insert("x-body-bytes", len.into());
+        Verdict::Continue
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_are_buffered_for_filters_that_want_them_and_bounded() {
+    let small = fixed_upstream(&[], "0123456789").await;
+    let big = fixed_upstream(&[], "this body is longer than the twenty bytes allowed").await;
+    let mut proxies = Vec::new();
+    for up in [small, big] {
+        let yaml = format!(
+            "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{up}\"]}}
+routes:
+  - {{name: meter, match: {{path_prefix: /}}, blue: up, green: up, max_body_bytes: 20}}
+"
+        );
+        let mut config = Config::from_yaml(&yaml, "test.yaml").unwrap();
+        config.routes[0].filters.push("meter".into());
+        let mut options = StartOptions::new(TokenSource::None);
+        options
+            .filters
+            .push(("meter".into(), Arc::new(ResponseMeter)));
+        proxies.push(acge_proxy::start(config, options).await.unwrap());
+    }
+    let c = client();
+    let r = get(&c, &format!("http://{}/x", proxies[0].proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-body-bytes"], "10");
+    assert_eq!(&r.body[..], b"0123456789");
+    let r = get(&c, &format!("http://{}/x", proxies[1].proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json()["error"], "upstream_response_too_large");
+}
