@@ -146,9 +146,8 @@ impl Proxy {
         start: Instant,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        let request_id: Arc<str> = request_id.to_str().unwrap_or_default().into();
-        let path = parts.uri.path().to_string();
-        let mut log = LogGuard::new(route, &request_id, &parts.method, &path, start);
+        let id: Arc<str> = request_id.to_str().unwrap_or_default().into();
+        let mut log = LogGuard::new(route, &id, &parts.method, parts.uri.path(), start);
 
         let (buffered, streaming) = if route.chain.wants_body() {
             let body = body.map_err(Into::into).boxed_unsync();
@@ -156,18 +155,7 @@ impl Proxy {
                 Ok(bytes) => (Some(bytes), None),
                 Err(refusal) => {
                     let answer = Answer::local(refusal, None);
-                    return self
-                        .finish(
-                            route,
-                            answer,
-                            Attributes::default(),
-                            &parts.method,
-                            &path,
-                            &request_id,
-                            log,
-                            start,
-                        )
-                        .await;
+                    return self.finish(route, answer, Attributes::default(), log).await;
                 }
             }
         } else {
@@ -179,41 +167,19 @@ impl Proxy {
             headers: std::mem::take(&mut parts.headers),
             body: buffered,
             route: route.name.clone(),
-            request_id: request_id.clone(),
+            request_id: id,
             attributes: Attributes::default(),
         };
         if let Verdict::Respond(refusal) = route.chain.on_request(&mut ctx).await {
             let answer = Answer::local(local(refusal), None);
-            return self
-                .finish(
-                    route,
-                    answer,
-                    ctx.attributes,
-                    &parts.method,
-                    &path,
-                    &request_id,
-                    log,
-                    start,
-                )
-                .await;
+            return self.finish(route, answer, ctx.attributes, log).await;
         }
         parts.headers = ctx.headers;
         let version = match route.splitter.choose(&parts.headers) {
             Ok(choice) => choice.version,
             Err(e) => {
                 let answer = Answer::local(local(bad_override(e)), None);
-                return self
-                    .finish(
-                        route,
-                        answer,
-                        ctx.attributes,
-                        &parts.method,
-                        &path,
-                        &request_id,
-                        log,
-                        start,
-                    )
-                    .await;
+                return self.finish(route, answer, ctx.attributes, log).await;
             }
         };
         log.version(version);
@@ -226,12 +192,7 @@ impl Proxy {
             (None, None) => crate::empty_body(),
         };
         let mut upstream_req = Request::from_parts(parts, body);
-        self.prepare_upstream(
-            &mut upstream_req,
-            peer,
-            &HeaderValue::from_str(&request_id).unwrap_or_else(|_| new_request_id()),
-        );
-        let method = upstream_req.method().clone();
+        self.prepare_upstream(&mut upstream_req, peer, request_id);
         let result = route.cluster(version).send(upstream_req).await;
         let answer = match result {
             Ok(res) => Answer {
@@ -241,33 +202,19 @@ impl Proxy {
             },
             Err(e) => Answer::local(upstream_answer(route, version, Err(e)), Some(version)),
         };
-        self.finish(
-            route,
-            answer,
-            ctx.attributes,
-            &method,
-            &path,
-            &request_id,
-            log,
-            start,
-        )
-        .await
+        self.finish(route, answer, ctx.attributes, log).await
     }
 
     /// Runs the response phases over an answer and hands it back with the log phase
     /// attached to the end of its body.
-    #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         route: &Route,
         answer: Answer,
         attributes: Attributes,
-        method: &Method,
-        path: &str,
-        request_id: &Arc<str>,
         mut log: LogGuard,
-        start: Instant,
     ) -> Response<Body> {
+        let exchange = log.exchange();
         let (mut parts, body) = answer.response.into_parts();
         let (buffered, streaming) = match answer.from {
             Some(_) if route.chain.wants_response_body() => {
@@ -295,11 +242,11 @@ impl Proxy {
             headers: std::mem::take(&mut parts.headers),
             body: buffered,
             route: route.name.clone(),
-            request_id: request_id.clone(),
-            method: method.clone(),
-            path: path.to_string(),
+            request_id: exchange.request_id.clone(),
+            method: exchange.method.clone(),
+            path: exchange.path.clone(),
             version: answer.from.map(Version::as_str),
-            elapsed: start.elapsed(),
+            elapsed: log.start.elapsed(),
             attributes,
         };
         route.chain.on_response(&mut res).await;
@@ -317,7 +264,7 @@ impl Proxy {
         route.metrics.record(
             answer.metric_version,
             parts.status.as_u16(),
-            start.elapsed(),
+            log.start.elapsed(),
         );
         log.answered(parts.status, res.attributes);
         Response::from_parts(
@@ -480,6 +427,13 @@ impl LogGuard {
             }),
             start,
         }
+    }
+
+    /// The exchange as it stands; present until the log phase has run.
+    fn exchange(&self) -> &Exchange {
+        self.exchange
+            .as_ref()
+            .expect("the log phase runs only when the guard completes or drops")
     }
 
     fn version(&mut self, version: Version) {

@@ -217,25 +217,36 @@ impl Filter for Recorder {
     }
 }
 
-async fn recorder_proxy(
+/// A proxy with one route on `/svc` to `upstream` running `filter` under `name`.
+async fn custom_filter_proxy(
     upstream: std::net::SocketAddr,
-    extra: &str,
-) -> (acge_proxy::Running, Arc<Recorder>) {
+    cluster_extra: &str,
+    name: &str,
+    filter: Arc<dyn Filter>,
+) -> acge_proxy::Running {
     let yaml = format!(
         "listener: {{address: 127.0.0.1:0}}
 admin: {{address: 127.0.0.1:0}}
 clusters:
-  up: {{endpoints: [\"{upstream}\"]{extra}}}
+  up: {{endpoints: [\"{upstream}\"]{cluster_extra}}}
 routes:
-  - {{name: rec, match: {{path_prefix: /svc}}, blue: up, green: up, max_body_bytes: 1000}}
+  - {{name: {name}, match: {{path_prefix: /svc}}, blue: up, green: up, max_body_bytes: 1000}}
 "
     );
     let mut config = Config::from_yaml(&yaml, "test.yaml").unwrap();
-    config.routes[0].filters.push("recorder".into());
-    let recorder = Arc::new(Recorder::default());
+    config.routes[0].filters.push(name.into());
     let mut options = StartOptions::new(TokenSource::None);
-    options.filters.push(("recorder".into(), recorder.clone()));
-    (acge_proxy::start(config, options).await.unwrap(), recorder)
+    options.filters.push((name.into(), filter));
+    acge_proxy::start(config, options).await.unwrap()
+}
+
+async fn recorder_proxy(
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> (acge_proxy::Running, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let p = custom_filter_proxy(upstream, extra, "recorder", recorder.clone()).await;
+    (p, recorder)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,32 +445,17 @@ impl Filter for ResponseMeter {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_bodies_are_buffered_for_filters_that_want_them_and_bounded() {
     let small = fixed_upstream(&[], "0123456789").await;
-    let big = fixed_upstream(&[], "this body is longer than the twenty bytes allowed").await;
+    let big = fixed_upstream(&[], &*Box::leak("z".repeat(1001).into_boxed_str())).await;
     let mut proxies = Vec::new();
     for up in [small, big] {
-        let yaml = format!(
-            "listener: {{address: 127.0.0.1:0}}
-admin: {{address: 127.0.0.1:0}}
-clusters:
-  up: {{endpoints: [\"{up}\"]}}
-routes:
-  - {{name: meter, match: {{path_prefix: /}}, blue: up, green: up, max_body_bytes: 20}}
-"
-        );
-        let mut config = Config::from_yaml(&yaml, "test.yaml").unwrap();
-        config.routes[0].filters.push("meter".into());
-        let mut options = StartOptions::new(TokenSource::None);
-        options
-            .filters
-            .push(("meter".into(), Arc::new(ResponseMeter)));
-        proxies.push(acge_proxy::start(config, options).await.unwrap());
+        proxies.push(custom_filter_proxy(up, "", "meter", Arc::new(ResponseMeter)).await);
     }
     let c = client();
-    let r = get(&c, &format!("http://{}/x", proxies[0].proxy_addr), &[]).await;
+    let r = get(&c, &format!("http://{}/svc", proxies[0].proxy_addr), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["x-body-bytes"], "10");
     assert_eq!(&r.body[..], b"0123456789");
-    let r = get(&c, &format!("http://{}/x", proxies[1].proxy_addr), &[]).await;
+    let r = get(&c, &format!("http://{}/svc", proxies[1].proxy_addr), &[]).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.json()["error"], "upstream_response_too_large");
 }
