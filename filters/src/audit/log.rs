@@ -467,6 +467,9 @@ impl Writer {
             }
             let mut waiters = Vec::new();
             let mut closing = None;
+            // Kept so that a failed write takes the batch back whole: its records were
+            // never acknowledged, and their sequence numbers go to the next ones.
+            let frontier_before = self.frontier.clone();
             buf.clear();
             for msg in batch {
                 match msg {
@@ -485,8 +488,10 @@ impl Writer {
                 }
             }
             let result = self.write(&buf);
-            let n = waiters.len() as u64;
-            metrics::counter!(AUDIT_RECORDS_TOTAL).increment(n);
+            match &result {
+                Ok(()) => metrics::counter!(AUDIT_RECORDS_TOTAL).increment(waiters.len() as u64),
+                Err(_) => self.frontier = frontier_before,
+            }
             metrics::gauge!(AUDIT_QUEUE_DEPTH).set((self.capacity - rx.capacity()) as f64);
             for (seq, enqueued, done) in waiters {
                 metrics::histogram!(AUDIT_COMMIT_SECONDS).record(enqueued.elapsed().as_secs_f64());
@@ -506,17 +511,31 @@ impl Writer {
         }
     }
 
+    /// Appends a batch; on failure cuts the segment back to where the batch began, so a
+    /// half-written batch never sits in the middle of the log.
     fn write(&mut self, buf: &[u8]) -> Result<(), String> {
         if buf.is_empty() {
             return Ok(());
         }
-        self.segment.write_all(buf).map_err(|e| e.to_string())?;
-        self.segment_size += buf.len() as u64;
-        if self.config.commit == CommitMode::Sync {
-            self.segment.sync_data().map_err(|e| e.to_string())?;
+        let written = self.segment.write_all(buf).and_then(|()| {
+            if self.config.commit == CommitMode::Sync {
+                self.segment.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            if let Err(cut) = self.segment.set_len(self.segment_size) {
+                tracing::error!(error = %cut, "cannot cut a failed audit batch back; the next start will report it");
+            }
+            return Err(e.to_string());
         }
+        self.segment_size += buf.len() as u64;
         if self.segment_size >= self.config.segment_bytes {
-            self.rotate().map_err(|e| e.to_string())?;
+            // The batch is written; a failed rotation is retried after the next one.
+            if let Err(e) = self.rotate() {
+                tracing::error!(error = %e, "audit segment rotation failed");
+            }
         }
         Ok(())
     }
