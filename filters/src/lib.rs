@@ -7,6 +7,7 @@
 //! proxy or a filter made), and [`Chain::on_log`] exactly once when the exchange is
 //! over, also when the client went away or the upstream failed.
 
+pub mod acge;
 pub mod audit;
 pub mod hash;
 pub mod metrics;
