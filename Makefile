@@ -2,12 +2,14 @@
 #   make demo    build and run the seven-service demo on loopback
 #   make test    fmt, clippy (warnings denied), then every test
 #   make bench   load benchmark against nginx and haproxy (writes docs/performance.md)
-CARGO ?= cargo
+# cargo with libtorch set up (scripts/setup-libtorch.sh, cached) for the default `torch` feature.
+CARGO ?= scripts/cargo-torch
 
 .PHONY: setup setup-test build demo test bench clean
 
 setup:
 	scripts/setup.sh all
+	scripts/setup-libtorch.sh >/dev/null
 
 setup-test:
 	scripts/setup.sh test

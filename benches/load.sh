@@ -39,7 +39,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "building acge-proxy (release)…"
-cargo build --release --quiet
+"$(dirname "$0")/../scripts/cargo-torch" build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
 
 # Ports: upstream blue 19081, green 19082; proxies listen on 19100 (nginx), 19200
