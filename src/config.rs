@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONSTITUTION_HASH: &str = "cdd01ef066bc6cf2";
 
 /// Filters this build can run. Routes naming anything else are refused at load.
-pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "audit"];
+pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "acge", "audit"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +41,9 @@ pub struct FiltersConfig {
     /// Defaults to `{mode: enforce}` for routes that list the filter.
     #[serde(default)]
     pub constitutional_hash: Option<acge_filters::hash::HashConfig>,
+    /// Needed by routes that list `acge` (its `model` has no default).
+    #[serde(default)]
+    pub acge: Option<acge_filters::acge::filter::AcgeConfig>,
     /// Needed by routes that list `audit` (its `dir` has no default).
     #[serde(default)]
     pub audit: Option<acge_filters::audit::AuditConfig>,
@@ -325,6 +328,9 @@ impl Config {
         if let Some(token) = &mut self.admin.token_file {
             resolve(token);
         }
+        if let Some(acge) = &mut self.filters.acge {
+            resolve(&mut acge.model);
+        }
         if let Some(audit) = &mut self.filters.audit {
             resolve(&mut audit.dir);
             if let Some(key) = &mut audit.key_file {
@@ -490,6 +496,11 @@ impl Config {
                         format!("routes[{i}].filters[{j}]"),
                         "`audit` needs a `filters.audit` section with its `dir`".into(),
                     );
+                } else if filter == "acge" && self.filters.acge.is_none() {
+                    err(
+                        format!("routes[{i}].filters[{j}]"),
+                        "`acge` needs a `filters.acge` section with its `model`".into(),
+                    );
                 }
             }
         }
@@ -498,6 +509,26 @@ impl Config {
                 "constitution.hash".into(),
                 "must be printable ASCII (it travels in a header)".into(),
             );
+        }
+        if let Some(acge) = &self.filters.acge {
+            if acge.max_batch == 0 || acge.queue == 0 || acge.timeout_ms == 0 {
+                err(
+                    "filters.acge".into(),
+                    "max_batch, queue and timeout_ms must each be at least 1".into(),
+                );
+            }
+            if acge.on.is_empty() {
+                err(
+                    "filters.acge.on".into(),
+                    "list request, response or both".into(),
+                );
+            }
+            if let Some(t) = acge.threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+                err(
+                    "filters.acge.threshold".into(),
+                    format!("{t} is not a probability (0–1)"),
+                );
+            }
         }
         if let Some(audit) = &self.filters.audit {
             if audit.queue == 0 {

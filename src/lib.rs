@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use acge_filters::acge::filter::AcgeFilter;
 use acge_filters::audit::{AuditFilter, AuditLog};
 use acge_filters::hash::HashFilter;
 use acge_filters::{Chain, Filter};
@@ -75,6 +76,8 @@ pub enum StartError {
     Audit(#[from] acge_filters::audit::AuditError),
     #[error("constitution.hash: {0}")]
     Hash(#[from] http::header::InvalidHeaderValue),
+    #[error("filters.acge: {0}")]
+    Acge(#[from] acge_filters::acge::filter::AcgeLoadError),
 }
 
 /// How to start, beyond the config file.
@@ -125,6 +128,7 @@ impl Running {
 /// The filters this config runs, built once and shared by every route that lists them.
 struct Filters {
     hash: Option<Arc<HashFilter>>,
+    acge: Option<Arc<AcgeFilter>>,
     audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
 }
 
@@ -143,6 +147,13 @@ impl Filters {
         } else {
             None
         };
+        let acge = match (&config.filters.acge, config.uses_filter("acge")) {
+            (Some(settings), true) => Some(Arc::new(AcgeFilter::load(
+                settings,
+                &config.constitution.hash,
+            )?)),
+            _ => None,
+        };
         let audit = match (&config.filters.audit, config.uses_filter("audit")) {
             (Some(settings), true) => {
                 let (log, report) = AuditLog::open(settings)?;
@@ -157,7 +168,7 @@ impl Filters {
             }
             _ => None,
         };
-        Ok(Self { hash, audit })
+        Ok(Self { hash, acge, audit })
     }
 
     fn chain(&self, route: &config::RouteConfig, custom: &[(String, Arc<dyn Filter>)]) -> Chain {
@@ -170,6 +181,7 @@ impl Filters {
                 }
                 match name.as_str() {
                     "constitutional_hash" => self.hash.clone().map(|f| f as Arc<dyn Filter>),
+                    "acge" => self.acge.clone().map(|f| f as Arc<dyn Filter>),
                     "audit" => self
                         .audit
                         .as_ref()

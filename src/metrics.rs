@@ -18,8 +18,9 @@ pub const REQUEST_DURATION_SECONDS: &str = "acge_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "acge_upstream_errors_total";
 pub const GREEN_WEIGHT: &str = "acge_green_weight";
 pub use acge_filters::metrics::{
-    AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, HASH_CHECKS_TOTAL,
-    HASH_CONSISTENCY_RATIO,
+    AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, COMPLIANCE_SCORE,
+    DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,
+    INFERENCE_CACHE_TOTAL, INFERENCE_ERRORS_TOTAL, INFERENCE_QUEUE_SECONDS, INFERENCE_SECONDS,
 };
 
 /// Explicit buckets (0.5 ms to 10 s) so that Prometheus can aggregate quantiles across
@@ -45,6 +46,26 @@ pub fn install() -> PrometheusHandle {
                     acge_filters::metrics::COMMIT_BUCKETS,
                 )
                 .expect("the commit bucket list is a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(INFERENCE_BATCH_SIZE.into()),
+                    acge_filters::metrics::BATCH_SIZE_BUCKETS,
+                )
+                .expect("a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(COMPLIANCE_SCORE.into()),
+                    acge_filters::metrics::SCORE_BUCKETS,
+                )
+                .expect("a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(INFERENCE_SECONDS.into()),
+                    acge_filters::metrics::INFERENCE_BUCKETS,
+                )
+                .expect("a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(INFERENCE_QUEUE_SECONDS.into()),
+                    acge_filters::metrics::INFERENCE_BUCKETS,
+                )
+                .expect("a non-empty constant")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

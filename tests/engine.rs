@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use acge_filters::acge::batcher::{Backend, Batcher, BatcherConfig, NoObserver};
-use acge_filters::acge::engine::{DeviceChoice, ModelError, TorchEngine};
+use acge_filters::acge::engine::{ModelError, TorchEngine};
+use acge_filters::acge::DeviceChoice;
 
 const HASH: &str = "cdd01ef066bc6cf2";
 

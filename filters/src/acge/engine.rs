@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::batcher::Backend;
+use super::DeviceChoice;
 
 /// `model.json`, beside the TorchScript file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,16 +30,6 @@ pub struct ModelMeta {
     pub threshold: f64,
     /// The constitution the model was trained for.
     pub constitution_hash: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA when a GPU is present, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Debug, thiserror::Error)]
