@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod eval;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

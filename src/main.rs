@@ -47,6 +47,32 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Work with ACGE models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Run a labelled JSONL set through the proxy's inference path and report accuracy,
+    /// false denies, recall per principle, the confusion matrix and items/s.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Override the model's threshold.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// The constitution hash the model must have been trained for.
+        #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
+        constitution_hash: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +144,26 @@ fn main() -> ExitCode {
         }
         Command::Demo { workers, dir } => report(block_on(workers, demo(dir))),
         Command::Audit { command } => audit(command),
+        Command::Model {
+            command:
+                ModelCommand::Eval {
+                    model,
+                    data,
+                    json,
+                    threshold,
+                    constitution_hash,
+                },
+        } => report(block_on(None, async move {
+            let r = acge_proxy::eval::evaluate(&model, &data, &constitution_hash, threshold)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        })),
     }
 }
 

@@ -315,3 +315,79 @@ fn a_config_naming_acge_without_its_section_is_refused() {
         "{e}"
     );
 }
+
+fn eval(model: &Path, data: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+        .args(["model", "eval", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn model_eval_reports_on_the_shared_sample_set() {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &[]);
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/eval/sample.jsonl");
+    assert!(
+        sample.is_file(),
+        "../shared/eval/sample.jsonl is beside the checkout in CI and here"
+    );
+    // Threshold 0: every case is called a violation of every principle.
+    let (ok, text) = eval(dir.path(), &sample, &["--json", "--threshold", "0"]);
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(v["items"], 14);
+    assert_eq!(v["confusion"]["comply"]["violate"], 7);
+    assert_eq!(v["confusion"]["violate"]["violate"], 7);
+    assert_eq!(v["accuracy"], 0.5);
+    assert_eq!(v["false_deny_rate"], 1.0);
+    assert!(
+        v["per_principle_recall"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|r| r == 1.0),
+        "{v}"
+    );
+    assert!(v["items_per_second"].as_f64().unwrap() > 0.0);
+    // Threshold 1: nothing is a violation.
+    let (ok, text) = eval(dir.path(), &sample, &["--json", "--threshold", "1"]);
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(v["false_deny_rate"], 0.0);
+    assert_eq!(v["confusion"]["violate"]["comply"], 7);
+    // The table form.
+    let (ok, text) = eval(dir.path(), &sample, &[]);
+    assert!(
+        ok && text.contains("accuracy") && text.contains("recall by principle"),
+        "{text}"
+    );
+}
+
+#[test]
+fn model_eval_names_a_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &[]);
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"service\":\"auth\",\"method\":\"POST\",\"path\":\"/x\",\"body\":{},\"label\":\"comply\"}\n{\"service\":\"auth\",\"method\":\"POST\",\"path\":\"/x\",\"body\":{},\"label\":\"violate\"}\n",
+    )
+    .unwrap();
+    let (ok, text) = eval(dir.path(), &data, &[]);
+    assert!(!ok);
+    assert!(
+        text.contains("bad.jsonl line 2: a `violate` case needs its `principle`"),
+        "{text}"
+    );
+}

@@ -243,6 +243,28 @@ impl AcgeFilter {
         })
     }
 
+    /// Scores a request exactly as `on_request` does (for `acge-proxy model eval`).
+    pub async fn score_request(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Result<Compliance, InferError> {
+        self.score(&features::render_request(
+            method,
+            path,
+            headers,
+            &self.headers,
+            body,
+        ))
+        .await
+    }
+
+    pub fn principles(&self) -> &[String] {
+        &self.principles
+    }
+
     /// Scores one rendering: from the cache, or through the batcher.
     async fn score(&self, rendering: &[u8]) -> Result<Compliance, InferError> {
         let key = cache::key(rendering);
