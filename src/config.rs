@@ -831,9 +831,18 @@ routes:
 
     #[test]
     fn unknown_filter_is_refused() {
-        let e = errors_of(&GOOD.replace("green_weight: 5", "green_weight: 5\n    filters: [acge]"));
-        assert_eq!(e[0].path, "routes[0].filters[0]");
-        assert!(e[0].message.contains("unknown filter `acge`"));
+        let e = errors_of(&GOOD.replace(
+            "green_weight: 5",
+            "green_weight: 5\n    filters: [constitutional_hash, rate_limit]",
+        ));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].path, "routes[0].filters[1]");
+        assert!(
+            e[0].message
+                .contains("unknown filter `rate_limit` (known: constitutional_hash, acge, audit)"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use acge_filters::metrics as filter_metrics;
+
 use crate::split::Version;
 
 pub const REQUESTS_TOTAL: &str = "acge_requests_total";
@@ -35,38 +37,21 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(REQUEST_DURATION_SECONDS.into()),
-                    LATENCY_BUCKETS,
-                )
-                .expect("the latency bucket list is a non-empty constant")
-                .set_buckets_for_metric(
-                    Matcher::Full(AUDIT_COMMIT_SECONDS.into()),
-                    acge_filters::metrics::COMMIT_BUCKETS,
-                )
-                .expect("the commit bucket list is a non-empty constant")
-                .set_buckets_for_metric(
-                    Matcher::Full(INFERENCE_BATCH_SIZE.into()),
-                    acge_filters::metrics::BATCH_SIZE_BUCKETS,
-                )
-                .expect("a non-empty constant")
-                .set_buckets_for_metric(
-                    Matcher::Full(COMPLIANCE_SCORE.into()),
-                    acge_filters::metrics::SCORE_BUCKETS,
-                )
-                .expect("a non-empty constant")
-                .set_buckets_for_metric(
-                    Matcher::Full(INFERENCE_SECONDS.into()),
-                    acge_filters::metrics::INFERENCE_BUCKETS,
-                )
-                .expect("a non-empty constant")
-                .set_buckets_for_metric(
-                    Matcher::Full(INFERENCE_QUEUE_SECONDS.into()),
-                    acge_filters::metrics::INFERENCE_BUCKETS,
-                )
-                .expect("a non-empty constant")
-                .build_recorder();
+            let buckets: [(&str, &[f64]); 6] = [
+                (REQUEST_DURATION_SECONDS, LATENCY_BUCKETS),
+                (AUDIT_COMMIT_SECONDS, filter_metrics::COMMIT_BUCKETS),
+                (INFERENCE_BATCH_SIZE, filter_metrics::BATCH_SIZE_BUCKETS),
+                (COMPLIANCE_SCORE, filter_metrics::SCORE_BUCKETS),
+                (INFERENCE_SECONDS, filter_metrics::INFERENCE_BUCKETS),
+                (INFERENCE_QUEUE_SECONDS, filter_metrics::INFERENCE_BUCKETS),
+            ];
+            let mut builder = PrometheusBuilder::new();
+            for (name, list) in buckets {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.into()), list)
+                    .expect("every bucket list is a non-empty constant");
+            }
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");

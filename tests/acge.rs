@@ -12,23 +12,6 @@ use acge_proxy::admin::TokenSource;
 use common::*;
 use http::{Method, StatusCode};
 
-fn make_model(dir: &Path, extra: &[&str]) {
-    let python = std::env::var("ACGE_TORCH_PYTHON")
-        .expect("ACGE_TORCH_PYTHON names the torch venv's python: run the tests through `make test` or scripts/cargo-torch");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_test_model.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn acge_proxy(
     name: &'static str,
     model: &Path,
@@ -62,7 +45,7 @@ async fn metrics_text(p: &acge_proxy::Running) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_mode_scores_and_annotates_requests_and_responses() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let (p, _up) = acge_proxy(
         "acge-observe",
         dir.path(),
@@ -112,7 +95,7 @@ async fn observe_mode_scores_and_annotates_requests_and_responses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforce_denies_requests_with_403_and_responses_with_502() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let c = client();
     let (deny, _a) = acge_proxy(
         "acge-deny",
@@ -175,7 +158,7 @@ async fn enforce_denies_requests_with_403_and_responses_with_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_model_follows_on_error_and_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &["--fail-over", "40"]);
+    make_test_model(dir.path(), &["--fail-over", "40"]);
     let c = client();
     let long = format!(r#"{{"text":"{}"}}"#, "x".repeat(100));
     let (deny, _a) = acge_proxy("acge-fail-deny", dir.path(), "on_error: deny", "acge").await;
@@ -213,7 +196,7 @@ async fn a_failing_model_follows_on_error_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_share_batches_and_repeats_hit_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let (p, _up) = acge_proxy(
         "acge-batch",
         dir.path(),
@@ -264,7 +247,7 @@ async fn concurrent_requests_share_batches_and_repeats_hit_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_score_reaches_the_audit_record() {
     let model = tempfile::tempdir().unwrap();
-    make_model(model.path(), &[]);
+    make_test_model(model.path(), &[]);
     let audit = tempfile::tempdir().unwrap();
     let up = acge_proxy::demo::spawn_backend(
         "acge-audit",
@@ -336,7 +319,7 @@ fn eval(model: &Path, data: &Path, extra: &[&str]) -> (bool, String) {
 #[test]
 fn model_eval_reports_on_the_shared_sample_set() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/eval/sample.jsonl");
     assert!(
         sample.is_file(),
@@ -377,7 +360,7 @@ fn model_eval_reports_on_the_shared_sample_set() {
 #[test]
 fn model_eval_names_a_bad_line() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let data = dir.path().join("bad.jsonl");
     std::fs::write(
         &data,

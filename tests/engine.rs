@@ -3,34 +3,18 @@
 //! the reason.
 #![cfg(feature = "torch")]
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use acge_filters::acge::batcher::{Backend, Batcher, BatcherConfig, NoObserver};
 use acge_filters::acge::engine::{ModelError, TorchEngine};
 use acge_filters::acge::DeviceChoice;
+use common::make_test_model;
 
 const HASH: &str = "cdd01ef066bc6cf2";
-
-/// Writes a test model with the venv's PyTorch (scripts/cargo-torch sets the python).
-fn make_model(dir: &Path, extra: &[&str]) {
-    let python = std::env::var("ACGE_TORCH_PYTHON")
-        .expect("ACGE_TORCH_PYTHON names the torch venv's python: run the tests through `make test` or scripts/cargo-torch");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_test_model.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn fixtures(dir: &Path) -> Vec<(Vec<i64>, Vec<f32>)> {
     let v: serde_json::Value =
@@ -63,7 +47,7 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn engine_matches_pytorch_alone_and_in_mixed_batches() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let (mut engine, meta) =
         TorchEngine::load(dir.path(), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
     assert_eq!(meta.principles.len(), 6);
@@ -83,7 +67,7 @@ fn engine_matches_pytorch_alone_and_in_mixed_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_behind_the_batcher_serves_concurrent_callers() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     let (engine, _) = TorchEngine::load(dir.path(), HASH, DeviceChoice::Auto, Some(1)).unwrap();
     let config = BatcherConfig {
         max_batch: 16,
@@ -110,21 +94,21 @@ async fn engine_behind_the_batcher_serves_concurrent_callers() {
 #[test]
 fn bad_models_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &["--hash", "0123456789abcdef"]);
+    make_test_model(dir.path(), &["--hash", "0123456789abcdef"]);
     match TorchEngine::load(dir.path(), HASH, DeviceChoice::Cpu, None) {
         Err(e @ ModelError::Hash { .. }) => assert!(e.to_string().contains("0123456789abcdef")),
         other => panic!("expected a hash refusal, got {:?}", other.err()),
     }
 
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &["--extra-outputs", "1"]);
+    make_test_model(dir.path(), &["--extra-outputs", "1"]);
     match TorchEngine::load(dir.path(), HASH, DeviceChoice::Cpu, None) {
         Err(e @ ModelError::Shape { .. }) => assert!(e.to_string().contains("[2, 7]"), "{e}"),
         other => panic!("expected a shape refusal, got {:?}", other.err()),
     }
 
     let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &[]);
+    make_test_model(dir.path(), &[]);
     std::fs::remove_file(dir.path().join("model.pt")).unwrap();
     match TorchEngine::load(dir.path(), HASH, DeviceChoice::Cpu, None) {
         Err(e @ ModelError::Missing { .. }) => assert!(e.to_string().contains("model.pt"), "{e}"),

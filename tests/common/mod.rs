@@ -270,3 +270,24 @@ pub fn audit_records(dir: &std::path::Path) -> Vec<acge_filters::audit::AuditRec
     }
     out
 }
+
+/// Writes a small TorchScript model with the ACGE contract into `dir`, with the torch
+/// venv's PyTorch (`scripts/cargo-torch` names its python in ACGE_TORCH_PYTHON).
+pub fn make_test_model(dir: &std::path::Path, extra: &[&str]) {
+    let python = std::env::var("ACGE_TORCH_PYTHON").expect(
+        "ACGE_TORCH_PYTHON names the torch venv's python: run the tests through `make test` or scripts/cargo-torch",
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_test_model.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
