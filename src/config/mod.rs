@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod lines;
+use lines::LineIndex;
+
 /// The constitutional hash every request and response is expected to carry.
 pub const DEFAULT_CONSTITUTION_HASH: &str = "cdd01ef066bc6cf2";
 
@@ -599,108 +602,6 @@ fn split_serde_path(message: &str) -> (String, String) {
     (String::new(), message.to_string())
 }
 
-/// Maps field paths (`routes[1].green_weight`) to the line they are written on.
-///
-/// A small indentation scanner over block-style YAML, enough for config files as people
-/// write them. A path inside a flow collection (`{a: 1}`) maps to the line of the
-/// nearest enclosing block entry.
-struct LineIndex {
-    lines: HashMap<String, usize>,
-}
-
-impl LineIndex {
-    fn new(text: &str) -> Self {
-        enum Seg {
-            Key(String),
-            Item(usize),
-        }
-        let mut stack: Vec<(usize, Seg)> = Vec::new();
-        let mut lines = HashMap::new();
-        let path_of = |stack: &[(usize, Seg)]| {
-            let mut p = String::new();
-            for (_, seg) in stack {
-                match seg {
-                    Seg::Key(k) => {
-                        if !p.is_empty() {
-                            p.push('.');
-                        }
-                        p.push_str(k);
-                    }
-                    Seg::Item(i) => p.push_str(&format!("[{i}]")),
-                }
-            }
-            p
-        };
-        for (n, raw) in text.lines().enumerate() {
-            let line_no = n + 1;
-            let trimmed = raw.trim_start();
-            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with("---") {
-                continue;
-            }
-            let mut indent = raw.len() - trimmed.len();
-            let mut rest = trimmed;
-            while rest == "-" || rest.starts_with("- ") {
-                stack.retain(|(i, _)| *i <= indent);
-                let index = match stack.last() {
-                    Some((i, Seg::Item(k))) if *i == indent => {
-                        let next = k + 1;
-                        stack.pop();
-                        next
-                    }
-                    _ => 0,
-                };
-                stack.push((indent, Seg::Item(index)));
-                lines.entry(path_of(&stack)).or_insert(line_no);
-                let after = rest[1..].trim_start();
-                indent += rest.len() - after.len();
-                rest = after;
-            }
-            if let Some(key) = block_key(rest) {
-                stack.retain(|(i, _)| *i < indent);
-                stack.push((indent, Seg::Key(key)));
-                lines.entry(path_of(&stack)).or_insert(line_no);
-            }
-        }
-        Self { lines }
-    }
-
-    /// The line of `path`, or of its nearest ancestor that the scanner saw.
-    fn line_of(&self, path: &str) -> Option<usize> {
-        let mut p = path;
-        loop {
-            if let Some(line) = self.lines.get(p) {
-                return Some(*line);
-            }
-            let cut = p.rfind(['.', '['])?;
-            p = &p[..cut];
-        }
-    }
-}
-
-/// The key of a `key: value` or `key:` line, unquoted; None for anything else.
-fn block_key(rest: &str) -> Option<String> {
-    if rest.starts_with(['{', '[', '#']) {
-        return None;
-    }
-    let (key, after) = if let Some(quoted) = rest.strip_prefix('"') {
-        let end = quoted.find('"')?;
-        (&quoted[..end], &quoted[end + 1..])
-    } else if let Some(quoted) = rest.strip_prefix('\'') {
-        let end = quoted.find('\'')?;
-        (&quoted[..end], &quoted[end + 1..])
-    } else {
-        let colon = rest
-            .find(": ")
-            .or_else(|| rest.strip_suffix(':').map(|s| s.len()))?;
-        (&rest[..colon], &rest[colon..])
-    };
-    if after.starts_with(':') && (after.len() == 1 || after[1..].starts_with([' ', '\t'])) {
-        Some(key.trim().to_string())
-    } else {
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -843,16 +744,5 @@ routes:
             "{}",
             e[0]
         );
-    }
-
-    #[test]
-    fn line_index_follows_compact_and_nested_sequences() {
-        let idx = LineIndex::new("a:\n- x: 1\n  y: 2\n- x: 3\nb:\n  c:\n    - 1\n    - 2\n");
-        assert_eq!(idx.line_of("a[0].x"), Some(2));
-        assert_eq!(idx.line_of("a[0].y"), Some(3));
-        assert_eq!(idx.line_of("a[1].x"), Some(4));
-        assert_eq!(idx.line_of("b.c[1]"), Some(8));
-        assert_eq!(idx.line_of("b.c[1].deeper"), Some(8));
-        assert_eq!(idx.line_of("zzz"), None);
     }
 }
