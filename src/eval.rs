@@ -211,3 +211,59 @@ fn ratio(a: u64, b: u64) -> f64 {
         a as f64 / b as f64
     }
 }
+
+/// One row of a batch-size sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    pub batch: usize,
+    pub micros_per_item: f64,
+    pub items_per_second: f64,
+}
+
+/// Times the engine alone at each batch size: inputs of `len` bytes, a warm-up, then
+/// batches until at least `min_time` has passed. For `acge-proxy model bench`.
+#[cfg(feature = "torch")]
+pub fn sweep(
+    model: &Path,
+    constitution_hash: &str,
+    device: acge_filters::acge::DeviceChoice,
+    threads: Option<usize>,
+    batches: &[usize],
+    len: usize,
+    min_time: std::time::Duration,
+) -> Result<(String, Vec<SweepRow>), String> {
+    use acge_filters::acge::batcher::Backend;
+    use acge_filters::acge::engine::TorchEngine;
+
+    let (mut engine, meta) =
+        TorchEngine::load(model, constitution_hash, device, threads).map_err(|e| e.to_string())?;
+    let device_name = format!("{:?}", engine.device());
+    let len = len.clamp(1, meta.max_len);
+    // Printable bytes, varied per row, shifted by one as the model expects.
+    let input = |row: usize| -> Vec<i64> {
+        (0..len)
+            .map(|i| ((i * 7 + row * 13) % 94 + 33) as i64)
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for &b in batches {
+        let inputs: Vec<Vec<i64>> = (0..b.max(1)).map(input).collect();
+        let refs: Vec<&[i64]> = inputs.iter().map(Vec::as_slice).collect();
+        for _ in 0..3 {
+            engine.infer(&refs)?;
+        }
+        let started = Instant::now();
+        let mut runs = 0usize;
+        while runs < 3 || started.elapsed() < min_time {
+            engine.infer(&refs)?;
+            runs += 1;
+        }
+        let per_item = started.elapsed().as_secs_f64() / (runs * refs.len()) as f64;
+        rows.push(SweepRow {
+            batch: refs.len(),
+            micros_per_item: per_item * 1e6,
+            items_per_second: 1.0 / per_item,
+        });
+    }
+    Ok((device_name, rows))
+}

@@ -374,3 +374,49 @@ fn model_eval_names_a_bad_line() {
         "{text}"
     );
 }
+
+#[test]
+fn model_bench_sweeps_the_batch_sizes_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    make_test_model(dir.path(), &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+        .args([
+            "model",
+            "bench",
+            "--device",
+            "cpu",
+            "--batches",
+            "1,4,16",
+            "--min-ms",
+            "20",
+            "--json",
+            "--model",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device"], "Cpu");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["batch"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 4, 16]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["items_per_second"].as_f64().unwrap() > 0.0));
+    let bad = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+        .args(["model", "bench", "--device", "tpu", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--device must be auto, cpu or cuda"));
+}
