@@ -2,10 +2,11 @@
 #   make demo    build and run the seven-service demo on loopback
 #   make test    fmt, clippy (warnings denied), then every test
 #   make bench   load benchmark against nginx and haproxy (writes docs/performance.md)
+#   make model   retrain the default ACGE model into models/acge-default
 # cargo with libtorch set up (scripts/setup-libtorch.sh, cached) for the default `torch` feature.
 CARGO ?= scripts/cargo-torch
 
-.PHONY: setup setup-test build demo test bench clean
+.PHONY: setup setup-test build demo test bench model clean
 
 setup:
 	scripts/setup.sh all
@@ -30,6 +31,10 @@ bench:
 	benches/load.sh
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
+
+# Retrain the default ACGE model (seeded; about 2 minutes on 2 cores).
+model:
+	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default
 
 clean:
 	$(CARGO) clean
