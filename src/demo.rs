@@ -223,6 +223,15 @@ pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoErr
     if let Some(audit) = &mut config.filters.audit {
         audit.dir = dir.join("audit");
     }
+    if let Some(acge) = &mut config.filters.acge {
+        // Relative to config/ as for any config file; the embedded file's config/ is
+        // the one in the tree the binary was built from.
+        if acge.model.is_relative() {
+            acge.model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(&acge.model);
+        }
+    }
     let mut backends = Vec::new();
     for (name, cluster) in &config.clusters {
         let Some((service, version)) = cluster_role(name) else {
@@ -270,7 +279,7 @@ pub fn banner(demo: &Demo) -> String {
     format!(
         "acge-proxy demo: 7 services × blue/green on loopback, proxy on {proxy}, admin on {admin}\n\n\
          routes:\n{routes}\n\
-         send a request (see x-acge-backend in the answer):\n  \
+         send a request (see x-acge-backend, x-acge-compliance and x-acge-principles):\n  \
          curl -si http://{proxy}/api/v1/auth/acge/validate -H 'content-type: application/json' -d '{{\"user\":\"alice\"}}'\n\n\
          move auth to 50% green:\n  \
          curl -s -X PUT http://{admin}/routes/auth/weights -H 'Authorization: Bearer {token}' -d '{{\"green\": 50}}'\n\n\

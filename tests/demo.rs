@@ -31,6 +31,12 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
             assert_eq!(r.status, StatusCode::OK, "{}", service.name);
             assert_eq!(r.headers["x-acge-service"], service.name);
             assert_eq!(r.headers["x-acge-hash-check"], "match");
+            let score: f64 = r.headers["x-acge-compliance"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((0.0..=1.0).contains(&score), "the response was scored");
             assert_eq!(
                 r.json()["received_headers"]["x-constitutional-hash"],
                 "cdd01ef066bc6cf2",
@@ -47,5 +53,10 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
     demo.proxy.shutdown().await;
     let summary = acge_filters::audit::verify::verify(&dir.path().join("audit")).unwrap();
     assert_eq!(summary.records, 70);
+    let scored = audit_records(&dir.path().join("audit"))
+        .iter()
+        .filter(|r| r.compliance.is_some())
+        .count();
+    assert_eq!(scored, 70, "every audit record carries the ACGE score");
     assert_eq!(summary.unsigned_tail, 0);
 }
