@@ -74,33 +74,36 @@ enum ModelCommand {
         constitution_hash: String,
     },
     /// Time the model alone at each batch size (µs per item, items/s).
-    Bench {
-        #[arg(long)]
-        model: PathBuf,
-        /// auto, cpu or cuda.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// libtorch intra-op threads.
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Batch sizes, comma-separated.
-        #[arg(
-            long,
-            default_value = "1,2,4,8,16,32,64,128,256",
-            value_delimiter = ','
-        )]
-        batches: Vec<usize>,
-        /// Input length in bytes (cut to the model's max_len).
-        #[arg(long, default_value_t = 320)]
-        len: usize,
-        /// Least time per batch size, in milliseconds.
-        #[arg(long, default_value_t = 500)]
-        min_ms: u64,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
-        constitution_hash: String,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(
+        long,
+        default_value = "1,2,4,8,16,32,64,128,256",
+        value_delimiter = ','
+    )]
+    batches: Vec<usize>,
+    /// Input length in bytes (cut to the model's max_len).
+    #[arg(long, default_value_t = 320)]
+    len: usize,
+    /// Least time per batch size, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    min_ms: u64,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
+    constitution_hash: String,
 }
 
 #[derive(Subcommand)]
@@ -173,27 +176,8 @@ fn main() -> ExitCode {
         Command::Demo { workers, dir } => report(block_on(workers, demo(dir))),
         Command::Audit { command } => audit(command),
         Command::Model {
-            command:
-                ModelCommand::Bench {
-                    model,
-                    device,
-                    threads,
-                    batches,
-                    len,
-                    min_ms,
-                    json,
-                    constitution_hash,
-                },
-        } => report(model_bench(
-            &model,
-            &device,
-            threads,
-            &batches,
-            len,
-            min_ms,
-            json,
-            &constitution_hash,
-        )),
+            command: ModelCommand::Bench(args),
+        } => report(model_bench(&args)),
         Command::Model {
             command:
                 ModelCommand::Eval {
@@ -243,40 +227,30 @@ fn audit(command: AuditCommand) -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn model_bench(
-    model: &std::path::Path,
-    device: &str,
-    threads: Option<usize>,
-    batches: &[usize],
-    len: usize,
-    min_ms: u64,
-    json: bool,
-    constitution_hash: &str,
-) -> anyhow::Result<()> {
+fn model_bench(args: &BenchArgs) -> anyhow::Result<()> {
     #[cfg(feature = "torch")]
     {
         let device: acge_filters::acge::DeviceChoice =
-            serde_json::from_value(serde_json::Value::String(device.into())).map_err(|_| {
-                anyhow::anyhow!("--device must be auto, cpu or cuda, not `{device}`")
-            })?;
+            serde_json::from_value(serde_json::Value::String(args.device.clone())).map_err(
+                |_| anyhow::anyhow!("--device must be auto, cpu or cuda, not `{}`", args.device),
+            )?;
         let (name, rows) = acge_proxy::eval::sweep(
-            model,
-            constitution_hash,
+            &args.model,
+            &args.constitution_hash,
             device,
-            threads,
-            batches,
-            len,
-            std::time::Duration::from_millis(min_ms),
+            args.threads,
+            &args.batches,
+            args.len,
+            std::time::Duration::from_millis(args.min_ms),
         )
         .map_err(anyhow::Error::msg)?;
-        if json {
+        if args.json {
             println!(
                 "{}",
-                serde_json::json!({ "device": name, "len": len, "rows": rows })
+                serde_json::json!({ "device": name, "len": args.len, "rows": rows })
             );
         } else {
-            println!("device {name}, inputs of {len} bytes");
+            println!("device {name}, inputs of {} bytes", args.len);
             println!("| batch | µs per item | items/s |");
             println!("| ---: | ---: | ---: |");
             for r in rows {
@@ -290,16 +264,7 @@ fn model_bench(
     }
     #[cfg(not(feature = "torch"))]
     {
-        let _ = (
-            model,
-            device,
-            threads,
-            batches,
-            len,
-            min_ms,
-            json,
-            constitution_hash,
-        );
+        let _ = args;
         anyhow::bail!("this build has no libtorch: rebuild with the `torch` feature (the default)")
     }
 }
