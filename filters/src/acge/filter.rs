@@ -8,13 +8,14 @@
 //! error, timeout, full queue), `on_error: deny` (the default: fail closed) answers
 //! 503 and `allow` forwards with `x-acge-compliance: unavailable`; both are counted.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
-use metrics::{counter, histogram};
+use metrics::{counter, histogram, Counter, Histogram};
 use serde::{Deserialize, Serialize};
 
 use super::batcher::{BatchObserver, Batcher, BatcherConfig, InferError};
@@ -45,7 +46,7 @@ pub enum OnError {
     Allow,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Request,
@@ -125,11 +126,47 @@ mod defaults {
     }
 }
 
-/// The scoring of one phase, kept for the log phase's counters.
+/// The request phase's decision, kept for the log phase's counters.
 #[derive(Debug, Clone, Copy, Default)]
 struct Decisions {
-    request: Option<&'static str>,
+    request: Option<Decision>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Allow = 0,
+    Violation = 1,
+    Error = 2,
+}
+
+const DECISIONS: [Decision; 3] = [Decision::Allow, Decision::Violation, Decision::Error];
+
+impl Decision {
+    fn of(c: &Compliance) -> Self {
+        if c.principles.is_empty() {
+            Decision::Allow
+        } else {
+            Decision::Violation
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Violation => "violation",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// The metric handles of one route, version and phase, registered on first use so
+/// that a request records with atomics, not label look-ups.
+struct PhaseMetrics {
+    score: Histogram,
+    decisions: [Counter; 3],
+}
+
+type PhaseKey = (Arc<str>, &'static str, Phase);
 
 pub struct AcgeFilter {
     batcher: Batcher,
@@ -142,6 +179,9 @@ pub struct AcgeFilter {
     on_request: bool,
     on_response: bool,
     headers: Vec<HeaderName>,
+    metrics: RwLock<HashMap<PhaseKey, Arc<PhaseMetrics>>>,
+    cache_hits: Counter,
+    cache_misses: Counter,
 }
 
 /// Records the batcher's observations under the `acge_inference_*` names.
@@ -240,6 +280,9 @@ impl AcgeFilter {
             on_request: config.on.contains(&Phase::Request),
             on_response: config.on.contains(&Phase::Response),
             headers,
+            metrics: RwLock::new(HashMap::new()),
+            cache_hits: counter!(INFERENCE_CACHE_TOTAL, "result" => "hit"),
+            cache_misses: counter!(INFERENCE_CACHE_TOTAL, "result" => "miss"),
         })
     }
 
@@ -270,11 +313,11 @@ impl AcgeFilter {
         let key = cache::key(rendering);
         let row = match self.cache.get(&key) {
             Some(row) => {
-                counter!(INFERENCE_CACHE_TOTAL, "result" => "hit").increment(1);
+                self.cache_hits.increment(1);
                 row
             }
             None => {
-                counter!(INFERENCE_CACHE_TOTAL, "result" => "miss").increment(1);
+                self.cache_misses.increment(1);
                 let row: Arc<[f32]> = self
                     .batcher
                     .infer(features::encode(rendering, self.max_len))
@@ -297,6 +340,38 @@ impl AcgeFilter {
         })
     }
 
+    fn phase_metrics(
+        &self,
+        route: &Arc<str>,
+        version: &'static str,
+        phase: Phase,
+    ) -> Arc<PhaseMetrics> {
+        let key = (route.clone(), version, phase);
+        if let Some(m) = self
+            .metrics
+            .read()
+            .expect("never poisoned: no panics under the lock")
+            .get(&key)
+        {
+            return m.clone();
+        }
+        self.metrics
+            .write()
+            .expect("never poisoned: no panics under the lock")
+            .entry(key)
+            .or_insert_with(|| {
+                let labels = |d: Decision| {
+                    counter!(DECISIONS_TOTAL, "route" => route.to_string(), "version" => version,
+                        "phase" => phase.as_str(), "decision" => d.as_str())
+                };
+                Arc::new(PhaseMetrics {
+                    score: histogram!(COMPLIANCE_SCORE, "route" => route.to_string(), "version" => version, "phase" => phase.as_str()),
+                    decisions: DECISIONS.map(labels),
+                })
+            })
+            .clone()
+    }
+
     /// Keeps the worse of the request's and the response's judgement for the audit log.
     fn remember(attributes: &mut crate::Attributes, c: &Compliance) {
         let merged = match attributes.get::<Compliance>() {
@@ -316,14 +391,6 @@ impl AcgeFilter {
                 headers.insert(PRINCIPLES_HEADER, v);
             }
         }
-    }
-}
-
-fn decision(c: &Compliance) -> &'static str {
-    if c.principles.is_empty() {
-        "allow"
-    } else {
-        "violation"
     }
 }
 
@@ -354,10 +421,11 @@ impl Filter for AcgeFilter {
         );
         match self.score(&rendering).await {
             Ok(c) => {
-                histogram!(COMPLIANCE_SCORE, "route" => req.route.to_string(), "version" => "none", "phase" => "request")
+                self.phase_metrics(&req.route, "none", Phase::Request)
+                    .score
                     .record(c.score);
                 req.attributes.insert(Decisions {
-                    request: Some(decision(&c)),
+                    request: Some(Decision::of(&c)),
                 });
                 Self::remember(&mut req.attributes, &c);
                 if self.mode == AcgeMode::Enforce && !c.principles.is_empty() {
@@ -376,7 +444,7 @@ impl Filter for AcgeFilter {
             }
             Err(e) => {
                 req.attributes.insert(Decisions {
-                    request: Some("error"),
+                    request: Some(Decision::Error),
                 });
                 match self.on_error {
                     OnError::Deny => Verdict::Respond(json_error(
@@ -404,13 +472,11 @@ impl Filter for AcgeFilter {
             &self.headers,
             res.body.as_deref(),
         );
-        let route = res.route.to_string();
+        let metrics = self.phase_metrics(&res.route, version, Phase::Response);
         match self.score(&rendering).await {
             Ok(c) => {
-                histogram!(COMPLIANCE_SCORE, "route" => route.clone(), "version" => version, "phase" => "response")
-                    .record(c.score);
-                counter!(DECISIONS_TOTAL, "route" => route, "version" => version, "phase" => "response", "decision" => decision(&c))
-                    .increment(1);
+                metrics.score.record(c.score);
+                metrics.decisions[Decision::of(&c) as usize].increment(1);
                 Self::remember(&mut res.attributes, &c);
                 if self.mode == AcgeMode::Enforce && !c.principles.is_empty() {
                     return Verdict::Respond(json_error(
@@ -427,8 +493,7 @@ impl Filter for AcgeFilter {
                 Verdict::Continue
             }
             Err(e) => {
-                counter!(DECISIONS_TOTAL, "route" => route, "version" => version, "phase" => "response", "decision" => "error")
-                    .increment(1);
+                metrics.decisions[Decision::Error as usize].increment(1);
                 match self.on_error {
                     OnError::Deny => Verdict::Respond(json_error(
                         StatusCode::BAD_GATEWAY,
@@ -447,10 +512,9 @@ impl Filter for AcgeFilter {
     fn on_log(&self, done: &Exchange) {
         // Request decisions are counted once the version they went to is known.
         if let Some(d) = done.attributes.get::<Decisions>().and_then(|d| d.request) {
-            counter!(DECISIONS_TOTAL,
-                "route" => done.route.to_string(), "version" => done.version.unwrap_or("none"),
-                "phase" => Phase::Request.as_str(), "decision" => d)
-            .increment(1);
+            self.phase_metrics(&done.route, done.version.unwrap_or("none"), Phase::Request)
+                .decisions[d as usize]
+                .increment(1);
         }
     }
 }
