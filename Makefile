@@ -29,12 +29,15 @@ test: setup-test
 bench:
 	scripts/setup.sh bench
 	benches/load.sh
+	benches/chain-load.sh
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
 
-# Retrain the default ACGE model (seeded; about 2 minutes on 2 cores).
+# Retrain the default ACGE model (seeded; about 3 minutes on 2 cores; fetches the
+# GloVe word vectors once).
 model:
-	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default
+	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default \
+		--glove "$$(models/fetch-glove.sh)"
 
 clean:
 	$(CARGO) clean

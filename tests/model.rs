@@ -104,3 +104,35 @@ fn the_int8_variant_loads_and_decides_as_fp32() {
         assert_eq!(over(&a), over(&b), "{a:?} vs {b:?}");
     }
 }
+
+#[test]
+fn the_default_model_scores_a_row_alike_alone_and_padded_in_a_batch() {
+    let (mut engine, _) =
+        TorchEngine::load(&model_dir("acge-default"), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
+    let inputs: Vec<Vec<i64>> = fixtures()
+        .iter()
+        .map(|f| {
+            f["input"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert!(
+        inputs.iter().map(Vec::len).min() < inputs.iter().map(Vec::len).max(),
+        "the fixtures must differ in length for the batch to pad some of them"
+    );
+    let refs: Vec<&[i64]> = inputs.iter().map(Vec::as_slice).collect();
+    let batched = engine.infer(&refs).unwrap();
+    for (input, together) in inputs.iter().zip(&batched) {
+        let alone = engine.infer(&[input.as_slice()]).unwrap().remove(0);
+        for (a, b) in alone.iter().zip(together) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{alone:?} alone vs {together:?} in a batch"
+            );
+        }
+    }
+}
