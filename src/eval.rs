@@ -223,6 +223,13 @@ pub struct SweepRow {
 /// Times the engine alone at each batch size: inputs of `len` bytes, a warm-up, then
 /// batches until at least `min_time` has passed. For `acge-proxy model bench`.
 #[cfg(feature = "torch")]
+/// What `sweep` feeds the model: a canonical rendering of a typical request.
+const SWEEP_TEXT: &str = "POST /api/v1/integrity/acge/audit\ncontent-type: application/json\n\n\
+{\"entry\":{\"action\":\"firewall_rule_changed\",\"actor\":\"netadmin.li\",\"rule\":4471,\
+\"ticket\":\"CHG-1204\"},\"operation\":\"append\",\"reason\":\"quarterly review of the \
+edge firewall found two stale rules; removed after approval by the network lead\",\
+\"requested_at\":\"2026-11-30T08:15:00Z\",\"tenant\":\"northwind\"}";
+
 pub fn sweep(
     model: &Path,
     constitution_hash: &str,
@@ -239,10 +246,13 @@ pub fn sweep(
         TorchEngine::load(model, constitution_hash, device, threads).map_err(|e| e.to_string())?;
     let device_name = format!("{:?}", engine.device());
     let len = len.clamp(1, meta.max_len);
-    // Printable bytes, varied per row, shifted by one as the model expects.
+    // A request as the proxy renders one (words, JSON punctuation, numbers), repeated
+    // to the length and started at another place in each row, so that no two rows are
+    // alike; shifted by one as the model expects.
+    let text = SWEEP_TEXT.as_bytes();
     let input = |row: usize| -> Vec<i64> {
         (0..len)
-            .map(|i| ((i * 7 + row * 13) % 94 + 33) as i64)
+            .map(|i| i64::from(text[(i + row * 13) % text.len()]) + 1)
             .collect()
     };
     let mut rows = Vec::new();
