@@ -15,10 +15,16 @@ use acge_filters::metrics as filter_metrics;
 
 use crate::split::Version;
 
+pub mod window;
+
 pub const REQUESTS_TOTAL: &str = "acge_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "acge_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "acge_upstream_errors_total";
 pub const GREEN_WEIGHT: &str = "acge_green_weight";
+pub const MIGRATION_STEP: &str = "acge_migration_step";
+pub const MIGRATION_ROLLBACKS_TOTAL: &str = "acge_migration_rollbacks_total";
+pub const SHADOW_REQUESTS_TOTAL: &str = "acge_shadow_requests_total";
+pub const SHADOW_MISMATCH_TOTAL: &str = "acge_shadow_mismatch_total";
 pub use acge_filters::metrics::{
     AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, COMPLIANCE_SCORE,
     DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,

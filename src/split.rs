@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, COOKIE};
 
-use crate::config::RouteConfig;
+use crate::config::{MigrationConfig, RouteConfig};
+use crate::metrics::window::{Outcome, Windows};
 use crate::metrics::RouteMetrics;
+use crate::proxy::shadow::Shadow;
 use crate::upstream::Cluster;
 
 /// The header a client may use to pick a version, where the route allows it.
@@ -170,6 +172,10 @@ pub struct Route {
     pub chain: acge_filters::Chain,
     /// Largest body a filter may have buffered, request or response.
     pub max_body_bytes: u64,
+    /// Recent figures per version, for the migration controller.
+    pub windows: Windows,
+    /// Mirroring to green at the migration's shadow step.
+    pub shadow: Shadow,
 }
 
 impl Route {
@@ -184,6 +190,34 @@ impl Route {
         self.splitter.set_green_weight(weight);
         self.metrics.set_green_weight(weight);
     }
+
+    /// One finished exchange, into the metrics and, when a version answered (or
+    /// failed to), into that version's windows; `attributes` are what the response
+    /// phases left (the acge judgement, the hash checks).
+    pub fn observe(
+        &self,
+        version: Option<Version>,
+        status: u16,
+        elapsed: std::time::Duration,
+        attributes: Option<&acge_filters::Attributes>,
+    ) {
+        self.metrics.record(version, status, elapsed);
+        if let Some(version) = version {
+            let judged = attributes.and_then(|a| a.get::<acge_filters::ResponseJudgement>());
+            let hash = attributes
+                .and_then(|a| a.get::<acge_filters::hash::HashChecks>())
+                .and_then(|c| c.response);
+            self.windows.record(
+                version,
+                &Outcome {
+                    status,
+                    latency: elapsed,
+                    compliant: judged.map(|j| j.compliant),
+                    hash_ok: hash.map(|h| h.consistent()),
+                },
+            );
+        }
+    }
 }
 
 /// All routes, matched by longest path prefix.
@@ -196,11 +230,18 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from validated route configs and the clusters they name.
+    /// `migration` sizes the windows and configures mirroring (defaults without it).
     pub fn new(
         configs: &[RouteConfig],
         clusters: &std::collections::HashMap<String, Arc<Cluster>>,
+        migration: Option<&MigrationConfig>,
         mut chain_of: impl FnMut(&RouteConfig) -> acge_filters::Chain,
     ) -> Self {
+        let span = migration.map_or(
+            std::time::Duration::from_secs(60),
+            MigrationConfig::window_span,
+        );
+        let shadow = migration.map(|m| m.shadow.clone()).unwrap_or_default();
         let in_order: Vec<Arc<Route>> = configs
             .iter()
             .map(|rc| {
@@ -227,6 +268,8 @@ impl RouteTable {
                     metrics,
                     chain: chain_of(rc),
                     max_body_bytes: rc.max_body_bytes,
+                    windows: Windows::new(span),
+                    shadow: Shadow::new(&rc.name, &shadow),
                 })
             })
             .collect();

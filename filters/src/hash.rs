@@ -63,7 +63,8 @@ impl HashResult {
         }
     }
 
-    fn consistent(self) -> bool {
+    /// The right hash arrived, or the filter put it there.
+    pub fn consistent(self) -> bool {
         matches!(self, HashResult::Match | HashResult::Stamped)
     }
 }

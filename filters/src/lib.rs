@@ -93,6 +93,18 @@ pub struct Compliance {
     pub principles: Vec<String>,
 }
 
+/// The acge filter's judgement of an upstream's response, left for the proxy's
+/// migration windows (the green compliance gate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseJudgement {
+    pub compliant: bool,
+}
+
+/// Marks a response that is green's answer to a mirrored (shadow) request: no client
+/// sees it; the audit log records it as `shadow`.
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowExchange;
+
 /// The status logged for an exchange whose client went away before the answer was
 /// complete (nginx's convention).
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 mod log;
+pub mod shadow;
 use log::{LogGuard, LoggedBody};
 
 use crate::split::{Route, RouteTable, Version, OVERRIDE_HEADER};
@@ -95,12 +96,21 @@ impl Proxy {
                 format!("no route matches the path {}", req.uri().path()),
             ));
         };
-        if route.chain.is_empty() {
+        let req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        let (req, mirror) = match shadow::fork(&route, req, request_id).await {
+            Ok(forked) => forked,
+            Err(refusal) => return refusal,
+        };
+        let res = if route.chain.is_empty() {
             self.forward_plain(&route, req, peer, request_id, start)
                 .await
         } else {
             self.forward_filtered(&route, req, peer, request_id, start)
                 .await
+        };
+        match mirror {
+            Some(mirror) => mirror.finish(res).await,
+            None => res,
         }
     }
 
@@ -108,7 +118,7 @@ impl Proxy {
     async fn forward_plain(
         &self,
         route: &Route,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         peer: SocketAddr,
         request_id: &HeaderValue,
         start: Instant,
@@ -121,12 +131,9 @@ impl Proxy {
             }
         };
         self.prepare_upstream(&mut req, peer, request_id);
-        let upstream_req = req.map(|body| body.map_err(Into::into).boxed_unsync());
-        let result = route.cluster(version).send(upstream_req).await;
+        let result = route.cluster(version).send(req).await;
         let res = upstream_answer(route, version, result);
-        route
-            .metrics
-            .record(Some(version), res.status().as_u16(), start.elapsed());
+        route.observe(Some(version), res.status().as_u16(), start.elapsed(), None);
         res
     }
 
@@ -135,7 +142,7 @@ impl Proxy {
     async fn forward_filtered(
         &self,
         route: &Arc<Route>,
-        req: Request<Incoming>,
+        req: Request<Body>,
         peer: SocketAddr,
         request_id: &HeaderValue,
         start: Instant,
@@ -145,7 +152,6 @@ impl Proxy {
         let mut log = LogGuard::new(route, &id, &parts.method, parts.uri.path(), start);
 
         let (buffered, streaming) = if route.chain.wants_body() {
-            let body = body.map_err(Into::into).boxed_unsync();
             match read_body(body, &parts.headers, route.max_body_bytes).await {
                 Ok(bytes) => (Some(bytes), None),
                 Err(refusal) => {
@@ -183,7 +189,7 @@ impl Proxy {
                 parts.headers.remove(CONTENT_LENGTH);
                 full_body(bytes)
             }
-            (None, Some(stream)) => stream.map_err(Into::into).boxed_unsync(),
+            (None, Some(stream)) => stream,
             (None, None) => crate::empty_body(),
         };
         let mut upstream_req = Request::from_parts(parts, body);
@@ -256,10 +262,11 @@ impl Proxy {
             (None, Some(stream)) => stream,
             (None, None) => crate::empty_body(),
         };
-        route.metrics.record(
+        route.observe(
             answer.metric_version,
             parts.status.as_u16(),
             log.start.elapsed(),
+            Some(&res.attributes),
         );
         log.answered(parts.status, res.attributes);
         Response::from_parts(
@@ -346,7 +353,7 @@ fn bad_override(e: crate::split::SplitError) -> acge_filters::LocalResponse {
     )
 }
 
-fn full_body(bytes: Bytes) -> Body {
+pub(crate) fn full_body(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()

@@ -478,6 +478,9 @@ impl Filter for AcgeFilter {
                 metrics.score.record(c.score);
                 metrics.decisions[Decision::of(&c) as usize].increment(1);
                 Self::remember(&mut res.attributes, &c);
+                res.attributes.insert(crate::ResponseJudgement {
+                    compliant: c.principles.is_empty(),
+                });
                 if self.mode == AcgeMode::Enforce && !c.principles.is_empty() {
                     return Verdict::Respond(json_error(
                         StatusCode::BAD_GATEWAY,
