@@ -25,6 +25,7 @@ fn record(i: usize) -> AuditRecord {
         principles: vec![],
         decision: "allowed".into(),
         latency_ms: 1.234,
+        event: None,
     }
 }
 

@@ -29,6 +29,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
+use crate::migration::{Action, ActionError, Controller};
 use crate::split::RouteTable;
 use crate::{local, Body};
 
@@ -91,6 +92,8 @@ pub struct Admin {
     token: TokenSource,
     config: Config,
     ready: AtomicBool,
+    migration: Option<Arc<Controller>>,
+    demo_faults: Option<Arc<crate::demo::Faults>>,
 }
 
 impl Admin {
@@ -99,6 +102,8 @@ impl Admin {
         prometheus: PrometheusHandle,
         token: TokenSource,
         config: Config,
+        migration: Option<Arc<Controller>>,
+        demo_faults: Option<Arc<crate::demo::Faults>>,
     ) -> Self {
         Self {
             routes,
@@ -106,6 +111,8 @@ impl Admin {
             token,
             config,
             ready: AtomicBool::new(false),
+            migration,
+            demo_faults,
         }
     }
 
@@ -137,10 +144,26 @@ impl Admin {
                 let name = name.to_string();
                 local(self.set_weight(&name, req).await)
             }
-            ([""] | ["live"] | ["ready"] | ["metrics"] | ["weights"] | ["config_dump"], _) => {
-                local(method_not_allowed(&method, "GET"))
+            (["migration"], &Method::GET) => local(self.migration_status()),
+            (["demo", "faults"], &Method::PUT) if self.demo_faults.is_some() => {
+                local(self.set_fault(req).await)
             }
+            (["migration", name, action], &Method::POST) => {
+                let (name, action) = (name.to_string(), action.to_string());
+                local(self.migration_action(&name, &action, &req))
+            }
+            (
+                [""]
+                | ["live"]
+                | ["ready"]
+                | ["metrics"]
+                | ["weights"]
+                | ["config_dump"]
+                | ["migration"],
+                _,
+            ) => local(method_not_allowed(&method, "GET")),
             (["routes", _, "weights"], _) => local(method_not_allowed(&method, "PUT")),
+            (["migration", _, _], _) => local(method_not_allowed(&method, "POST")),
             _ => local(json_error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -153,7 +176,8 @@ impl Admin {
         let body = json!({
             "endpoints": [
                 "GET /live", "GET /ready", "GET /metrics", "GET /weights",
-                "PUT /routes/{name}/weights", "GET /config_dump"
+                "PUT /routes/{name}/weights", "GET /config_dump", "GET /migration",
+                "POST /migration/{route}/{pause,resume,promote,rollback}"
             ]
         });
         json_response(StatusCode::OK, body.to_string().into())
@@ -244,13 +268,134 @@ impl Admin {
         let previous = route.splitter.green_weight();
         route.set_green_weight(green);
         tracing::info!(route = %route.name, previous, green, "green weight changed through the admin API");
-        let body = json!({
+        let mut body = json!({
             "route": &*route.name,
             "blue": 100 - green,
             "green": green,
             "previous": {"blue": 100 - previous, "green": previous},
         });
+        if let Some(note) = self
+            .migration
+            .as_ref()
+            .and_then(|m| m.weight_set_by_operator(name, green))
+        {
+            body["migration"] = json!(note);
+        }
         json_response(StatusCode::OK, body.to_string().into())
+    }
+
+    /// `PUT /demo/faults` (demo only): `{"service", "version", "latency_ms",
+    /// "error_rate", "wrong_hash_rate", "noncompliant_rate"}`.
+    async fn set_fault(&self, req: Request<Incoming>) -> acge_filters::LocalResponse {
+        if let Some(refusal) = self.refuse_unauthorized(&req) {
+            return refusal;
+        }
+        let Some(faults) = &self.demo_faults else {
+            return json_error(StatusCode::NOT_FOUND, "not_found", "not a demo");
+        };
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return json_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "bad_body",
+                    format!("cannot read the body ({e}); at most {MAX_BODY} bytes"),
+                )
+            }
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Set {
+            service: String,
+            version: String,
+            #[serde(flatten)]
+            fault: crate::demo::Fault,
+        }
+        let set: Set = match serde_json::from_slice(&body) {
+            Ok(set) => set,
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_fault",
+                    format!("{e}; send {{\"service\": \"auth\", \"version\": \"green\", \"latency_ms\": 0, \"error_rate\": 0.0, \"wrong_hash_rate\": 0.0, \"noncompliant_rate\": 0.0}}"),
+                )
+            }
+        };
+        let version = match set.version.as_str() {
+            "blue" => crate::split::Version::Blue,
+            "green" => crate::split::Version::Green,
+            other => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_fault",
+                    format!("version `{other}` is neither blue nor green"),
+                )
+            }
+        };
+        if !crate::demo::SERVICES.iter().any(|s| s.name == set.service) {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_fault",
+                format!("no demo service is named `{}`", set.service),
+            );
+        }
+        let f = set.fault;
+        if [f.error_rate, f.wrong_hash_rate, f.noncompliant_rate]
+            .iter()
+            .any(|r| !(0.0..=1.0).contains(r))
+        {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_fault",
+                "rates are shares, 0–1",
+            );
+        }
+        faults.set(&set.service, version, f);
+        json_response(
+            StatusCode::OK,
+            json!({"faults": faults.list()}).to_string().into(),
+        )
+    }
+
+    fn migration_status(&self) -> acge_filters::LocalResponse {
+        match &self.migration {
+            Some(m) => json_response(StatusCode::OK, m.status().to_string().into()),
+            None => json_error(
+                StatusCode::NOT_FOUND,
+                "no_migration",
+                "this proxy runs no migration controller (the config has no `migration` section)",
+            ),
+        }
+    }
+
+    fn migration_action<B>(
+        &self,
+        name: &str,
+        action: &str,
+        req: &Request<B>,
+    ) -> acge_filters::LocalResponse {
+        if let Some(refusal) = self.refuse_unauthorized(req) {
+            return refusal;
+        }
+        let Some(m) = &self.migration else {
+            return self.migration_status();
+        };
+        let Some(action) = Action::parse(action) else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("`{action}` is not an action; use pause, resume, promote or rollback"),
+            );
+        };
+        match m.act(name, action) {
+            Ok(status) => json_response(StatusCode::OK, status.to_string().into()),
+            Err(e @ ActionError::UnknownRoute(_)) => {
+                json_error(StatusCode::NOT_FOUND, "unknown_route", e.to_string())
+            }
+            Err(e @ ActionError::NotNow(_)) => {
+                json_error(StatusCode::CONFLICT, "not_now", e.to_string())
+            }
+        }
     }
 
     /// The refusal for a request that may not mutate, or None when it may.
@@ -279,6 +424,25 @@ impl Admin {
         );
         Some(res)
     }
+}
+
+/// GETs `path` from an admin API at `addr` (for the CLI); the body of a 200, or an
+/// error that carries the status and the body.
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Bytes> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let res = sender.send_request(req).await?;
+    let status = res.status();
+    let body = res.into_body().collect().await?.to_bytes();
+    if status != StatusCode::OK {
+        anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(body)
 }
 
 /// `{"green": N}` with N an integer percentage; anything else says what is wrong.

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod eval;
 pub mod metrics;
+pub mod migration;
 pub mod proxy;
 pub mod server;
 pub mod split;
@@ -79,6 +80,8 @@ pub enum StartError {
     Hash(#[from] http::header::InvalidHeaderValue),
     #[error("filters.acge: {0}")]
     Acge(#[from] acge_filters::acge::filter::AcgeLoadError),
+    #[error("{0}")]
+    Migration(#[from] migration::MigrationError),
 }
 
 /// How to start, beyond the config file.
@@ -90,6 +93,9 @@ pub struct StartOptions {
     /// built-in ones. Config validation knows only the built-in names, so add these
     /// names to `RouteConfig::filters` after loading.
     pub filters: Vec<(String, Arc<dyn Filter>)>,
+    /// The demo backends' faults, served as `PUT /demo/faults` on the admin port (the
+    /// demo sets it; nothing else should).
+    pub demo_faults: Option<Arc<demo::Faults>>,
 }
 
 impl StartOptions {
@@ -97,6 +103,7 @@ impl StartOptions {
         Self {
             admin_token,
             filters: Vec::new(),
+            demo_faults: None,
         }
     }
 }
@@ -108,6 +115,8 @@ pub struct Running {
     pub routes: Arc<RouteTable>,
     /// The audit log, when a route runs the audit filter.
     pub audit: Option<Arc<AuditLog>>,
+    /// The migration controller, when the config has a `migration` section.
+    pub migration: Option<Arc<migration::Controller>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -227,9 +236,21 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         .map(|(name, c)| (name.clone(), Arc::new(Cluster::new(name, c))))
         .collect();
     let filters = Filters::build(&config)?;
-    let routes = Arc::new(RouteTable::new(&config.routes, &clusters, |r| {
-        filters.chain(r, &options.filters)
-    }));
+    let routes = Arc::new(RouteTable::new(
+        &config.routes,
+        &clusters,
+        config.migration.as_ref(),
+        |r| filters.chain(r, &options.filters),
+    ));
+    let audit_log = filters.audit.as_ref().map(|(log, _)| log.clone());
+    let controller = match &config.migration {
+        Some(m) => Some(Arc::new(migration::Controller::new(
+            m,
+            &routes,
+            audit_log.clone(),
+        )?)),
+        None => None,
+    };
     let proxy = Arc::new(proxy::Proxy::new(
         routes.clone(),
         tls.is_some(),
@@ -240,6 +261,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         prometheus.clone(),
         options.admin_token,
         config.clone(),
+        controller.clone(),
+        options.demo_faults.clone(),
     ));
 
     let (shutdown, signal) = watch::channel(false);
@@ -275,6 +298,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         },
         stopped(),
     )));
+    if let Some(c) = &controller {
+        tasks.push(c.clone().spawn(stopped()));
+    }
     let upkeep = metrics::spawn_upkeep(prometheus);
     tasks.push(tokio::spawn({
         let stop = stopped();
@@ -289,7 +315,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         proxy_addr,
         admin_addr,
         routes,
-        audit: filters.audit.map(|(log, _)| log),
+        audit: audit_log,
+        migration: controller,
         shutdown,
         tasks,
     })

@@ -41,6 +41,15 @@ enum Command {
         /// Where the demo keeps its state (the audit log in DIR/audit).
         #[arg(long, default_value = "demo-data")]
         dir: PathBuf,
+        /// Requests a second the demo sends to each service itself (0: none), so that
+        /// the migration controller has traffic to judge.
+        #[arg(long, default_value_t = 40)]
+        traffic: u32,
+    },
+    /// Watch the migration controller of a running proxy.
+    Migration {
+        #[command(subcommand)]
+        command: MigrationCommand,
     },
     /// Read the tamper-evident audit log back.
     Audit {
@@ -173,7 +182,14 @@ fn main() -> ExitCode {
             let workers = workers.or(config.listener.workers);
             report(block_on(workers, run(config)))
         }
-        Command::Demo { workers, dir } => report(block_on(workers, demo(dir))),
+        Command::Demo {
+            workers,
+            dir,
+            traffic,
+        } => report(block_on(workers, demo(dir, traffic))),
+        Command::Migration {
+            command: MigrationCommand::Status { admin, watch },
+        } => report(block_on(Some(1), migration_status(admin, watch))),
         Command::Audit { command } => audit(command),
         Command::Model {
             command: ModelCommand::Bench(args),
@@ -333,16 +349,53 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(dir: PathBuf) -> anyhow::Result<()> {
+async fn demo(dir: PathBuf, traffic: u32) -> anyhow::Result<()> {
     let token = match std::env::var("ACGE_ADMIN_TOKEN") {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => format!("demo-{}", uuid::Uuid::new_v4().simple()),
     };
     let demo = acge_proxy::demo::start(token, &dir).await?;
     println!("{}", acge_proxy::demo::banner(&demo));
+    let load = acge_proxy::demo::spawn_traffic(demo.proxy.proxy_addr, traffic);
     shutdown_signal().await;
+    load.abort();
     demo.proxy.shutdown().await;
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum MigrationCommand {
+    /// Per route: step, weight, each gate's figure against its threshold, time in
+    /// step, state.
+    Status {
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// Print again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+async fn migration_status(admin: std::net::SocketAddr, watch: bool) -> anyhow::Result<()> {
+    loop {
+        let body = acge_proxy::admin::get(admin, "/migration")
+            .await
+            .with_context(|| format!("GET http://{admin}/migration"))?;
+        let status: serde_json::Value =
+            serde_json::from_slice(&body).context("the admin API's answer is not JSON")?;
+        if watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", acge_proxy::migration::render_status(&status));
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+    }
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

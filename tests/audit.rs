@@ -56,6 +56,7 @@ fn record(i: u64) -> AuditRecord {
         principles: vec![],
         decision: "allowed".into(),
         latency_ms: 1.5,
+        event: None,
     }
 }
 

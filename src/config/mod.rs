@@ -36,6 +36,103 @@ pub struct Config {
     /// Settings of each filter, shared by every route that lists it.
     #[serde(default)]
     pub filters: FiltersConfig,
+    /// The migration controller; absent, weights move only through the admin API.
+    #[serde(default)]
+    pub migration: Option<MigrationConfig>,
+}
+
+/// The migration controller (docs/migration.md): steps, gates, rollback, shadow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// Routes the controller walks; every route when left out.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// Green weights, percent, in order; a leading 0 is the shadow step.
+    #[serde(default = "defaults::steps")]
+    pub steps: Vec<u8>,
+    /// Time in a step, and the window its gates are judged over, in seconds.
+    #[serde(default = "defaults::interval_s")]
+    pub interval_s: f64,
+    /// Green requests an interval needs before it may advance.
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u64,
+    /// Rollback is judged continuously over this recent window, in seconds…
+    #[serde(default = "defaults::rollback_window_s")]
+    pub rollback_window_s: f64,
+    /// …once it holds at least this many green requests.
+    #[serde(default = "defaults::rollback_min_requests")]
+    pub rollback_min_requests: u64,
+    #[serde(default)]
+    pub rollback: RollbackThresholds,
+    /// Where progress is kept across restarts (written atomically).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackThresholds {
+    #[serde(default = "defaults::compliance_below")]
+    pub compliance_below: f64,
+    #[serde(default = "defaults::p95_above_ms")]
+    pub p95_above_ms: f64,
+    #[serde(default = "defaults::error_rate_above")]
+    pub error_rate_above: f64,
+    #[serde(default = "defaults::hash_consistency_below")]
+    pub hash_consistency_below: f64,
+}
+
+impl Default for RollbackThresholds {
+    fn default() -> Self {
+        Self {
+            compliance_below: defaults::compliance_below(),
+            p95_above_ms: defaults::p95_above_ms(),
+            error_rate_above: defaults::error_rate_above(),
+            hash_consistency_below: defaults::hash_consistency_below(),
+        }
+    }
+}
+
+/// Mirroring to green at the shadow step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Share of requests mirrored, 0–1.
+    #[serde(default = "defaults::shadow_fraction")]
+    pub fraction: f64,
+    /// Mirrored requests in flight at most; beyond it a request is not mirrored.
+    #[serde(default = "defaults::shadow_max_inflight")]
+    pub max_inflight: usize,
+    /// Top-level JSON fields left out when blue's and green's bodies are compared.
+    #[serde(default)]
+    pub ignore_fields: Vec<String>,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        Self {
+            fraction: defaults::shadow_fraction(),
+            max_inflight: defaults::shadow_max_inflight(),
+            ignore_fields: Vec::new(),
+        }
+    }
+}
+
+impl MigrationConfig {
+    /// Whether the controller walks the route `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.routes
+            .as_ref()
+            .is_none_or(|routes| routes.iter().any(|r| r == name))
+    }
+
+    /// The longest span a window must cover.
+    pub fn window_span(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.interval_s.max(self.rollback_window_s).max(0.05))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -196,6 +293,39 @@ pub struct StickyConfig {
 }
 
 mod defaults {
+    pub fn steps() -> Vec<u8> {
+        vec![0, 5, 10, 25, 50, 75, 100]
+    }
+    pub fn interval_s() -> f64 {
+        60.0
+    }
+    pub fn min_requests() -> u64 {
+        200
+    }
+    pub fn rollback_window_s() -> f64 {
+        10.0
+    }
+    pub fn rollback_min_requests() -> u64 {
+        20
+    }
+    pub fn compliance_below() -> f64 {
+        0.95
+    }
+    pub fn p95_above_ms() -> f64 {
+        2000.0
+    }
+    pub fn error_rate_above() -> f64 {
+        0.01
+    }
+    pub fn hash_consistency_below() -> f64 {
+        1.0
+    }
+    pub fn shadow_fraction() -> f64 {
+        1.0
+    }
+    pub fn shadow_max_inflight() -> usize {
+        64
+    }
     pub fn max_header_bytes() -> usize {
         32 * 1024
     }
@@ -333,6 +463,9 @@ impl Config {
         }
         if let Some(acge) = &mut self.filters.acge {
             resolve(&mut acge.model);
+        }
+        if let Some(state) = self.migration.as_mut().and_then(|m| m.state_file.as_mut()) {
+            resolve(state);
         }
         if let Some(audit) = &mut self.filters.audit {
             resolve(&mut audit.dir);
@@ -550,6 +683,9 @@ impl Config {
                 );
             }
         }
+        if let Some(m) = &self.migration {
+            self.validate_migration(m, &mut err);
+        }
         if let Some(tls) = &self.listener.tls {
             for (field, path) in [("cert", &tls.cert), ("key", &tls.key)] {
                 if path.as_os_str().is_empty() {
@@ -558,6 +694,84 @@ impl Config {
             }
         }
         errors
+    }
+
+    fn validate_migration(&self, m: &MigrationConfig, err: &mut impl FnMut(String, String)) {
+        if m.steps.is_empty() {
+            err("migration.steps".into(), "list at least one step".into());
+        }
+        for (i, step) in m.steps.iter().enumerate() {
+            if *step > 100 {
+                err(
+                    format!("migration.steps[{i}]"),
+                    format!("{step} is not a percentage (0–100)"),
+                );
+            } else if i > 0 && *step <= m.steps[i - 1] {
+                err(
+                    format!("migration.steps[{i}]"),
+                    format!(
+                        "{step} does not rise above the step before it ({})",
+                        m.steps[i - 1]
+                    ),
+                );
+            }
+        }
+        for (field, value) in [
+            ("interval_s", m.interval_s),
+            ("rollback_window_s", m.rollback_window_s),
+        ] {
+            if !(0.05..=86_400.0).contains(&value) {
+                err(
+                    format!("migration.{field}"),
+                    format!("{value} is not between 0.05 and 86400 seconds"),
+                );
+            }
+        }
+        if m.rollback_min_requests == 0 {
+            err(
+                "migration.rollback_min_requests".into(),
+                "must be at least 1 (one request is no evidence)".into(),
+            );
+        }
+        let r = &m.rollback;
+        for (field, value) in [
+            ("compliance_below", r.compliance_below),
+            ("error_rate_above", r.error_rate_above),
+            ("hash_consistency_below", r.hash_consistency_below),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                err(
+                    format!("migration.rollback.{field}"),
+                    format!("{value} is not a share (0–1)"),
+                );
+            }
+        }
+        if !(r.p95_above_ms.is_finite() && r.p95_above_ms > 0.0) {
+            err(
+                "migration.rollback.p95_above_ms".into(),
+                format!("{} must be above 0", r.p95_above_ms),
+            );
+        }
+        if !(0.0..=1.0).contains(&m.shadow.fraction) {
+            err(
+                "migration.shadow.fraction".into(),
+                format!("{} is not a share (0–1)", m.shadow.fraction),
+            );
+        }
+        if m.shadow.max_inflight == 0 {
+            err(
+                "migration.shadow.max_inflight".into(),
+                "must be at least 1".into(),
+            );
+        }
+        for (i, name) in m.routes.iter().flatten().enumerate() {
+            if !self.routes.iter().any(|r| &r.name == name) {
+                err(
+                    format!("migration.routes[{i}]"),
+                    format!("no route is named `{name}`"),
+                );
+            }
+        }
     }
 
     /// The listener address; valid once [`Config::validate`] passed.
@@ -647,6 +861,31 @@ routes:
             e[0].to_string(),
             "line 13: routes[0].green_weight: 140 is not a percentage (0–100)"
         );
+    }
+
+    #[test]
+    fn migration_mistakes_name_their_field_and_line() {
+        let text = format!(
+            "{GOOD}migration:\n  steps: [0, 50, 25]\n  interval_s: 0\n  routes: [auth, nope]\n  rollback: {{error_rate_above: 2}}\n"
+        );
+        let e = errors_of(&text);
+        let paths: Vec<_> = e.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("migration.steps[2]", Some(15)),
+                ("migration.interval_s", Some(16)),
+                ("migration.routes[1]", Some(17)),
+                ("migration.rollback.error_rate_above", Some(18)),
+            ],
+            "{e:?}"
+        );
+        let c = Config::from_yaml(&format!("{GOOD}migration: {{}}\n"), "t.yaml").unwrap();
+        let m = c.migration.unwrap();
+        assert_eq!(m.steps, [0, 5, 10, 25, 50, 75, 100]);
+        assert_eq!((m.interval_s, m.min_requests), (60.0, 200));
+        assert_eq!(m.rollback.p95_above_ms, 2000.0);
+        assert!(m.covers("auth"));
     }
 
     #[test]

@@ -77,6 +77,7 @@ fn record(
         principles: compliance.map(|c| c.principles.clone()).unwrap_or_default(),
         decision: decision.to_string(),
         latency_ms: (elapsed_ms * 1000.0).round() / 1000.0,
+        event: None,
     }
 }
 
@@ -88,6 +89,11 @@ impl Filter for AuditFilter {
 
     async fn on_response(&self, res: &mut ResponseCtx) -> Verdict {
         let status = res.status.as_u16();
+        let decision = if res.attributes.get::<crate::ShadowExchange>().is_some() {
+            "shadow"
+        } else {
+            decision(status, res.version.is_some(), true)
+        };
         let rec = record(
             &res.request_id,
             &res.route,
@@ -97,7 +103,7 @@ impl Filter for AuditFilter {
             status,
             res.elapsed,
             &res.attributes,
-            decision(status, res.version.is_some(), true),
+            decision,
         );
         res.attributes.insert(Audited);
         match self.log.append(rec).await {

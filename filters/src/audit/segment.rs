@@ -39,6 +39,10 @@ pub struct AuditRecord {
     /// `allowed`, `denied`, `error` or `aborted`.
     pub decision: String,
     pub latency_ms: f64,
+    /// For a record that is not an exchange (a migration step, a rollback): what
+    /// happened and the figures behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
 }
 
 /// A signed statement of the tree's size and root at a moment.
