@@ -1,5 +1,6 @@
 //! `acge-proxy demo` as a new user meets it: all seven services answer through the
-//! proxy on its fixed loopback ports, and the audit log of the run verifies.
+//! proxy on its fixed loopback ports, every route starts its migration in shadow, and
+//! the audit log of the run verifies.
 
 mod common;
 
@@ -46,17 +47,38 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
         }
     }
     assert_eq!(
-        backends.len(),
-        2,
-        "at 10 % green, 10 requests a route reach both versions"
+        backends,
+        std::collections::HashSet::from(["blue".to_string()]),
+        "the demo's migration starts in shadow: green answers no client"
     );
+    let status = get(&c, "http://127.0.0.1:15000/migration", &[])
+        .await
+        .json();
+    for service in SERVICES {
+        let route = &status["routes"][service.name];
+        assert_eq!(
+            (route["state"].as_str(), route["shadow"].as_bool()),
+            (Some("running"), Some(true)),
+            "{route:#}"
+        );
+    }
     demo.proxy.shutdown().await;
     let summary = acge_filters::audit::verify::verify(&dir.path().join("audit")).unwrap();
-    assert_eq!(summary.records, 70);
-    let scored = audit_records(&dir.path().join("audit"))
-        .iter()
-        .filter(|r| r.compliance.is_some())
-        .count();
-    assert_eq!(scored, 70, "every audit record carries the ACGE score");
+    let records = audit_records(&dir.path().join("audit"));
+    let shadow = records.iter().filter(|r| r.decision == "shadow").count();
+    assert_eq!(summary.records, 70 + shadow as u64);
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.decision == "shadow")
+            .all(|r| r.version.as_deref() == Some("green")),
+        "green's shadow answers are recorded as such"
+    );
+    let scored = records.iter().filter(|r| r.compliance.is_some()).count();
+    assert_eq!(
+        scored,
+        records.len(),
+        "every audit record carries the ACGE score"
+    );
     assert_eq!(summary.unsigned_tail, 0);
 }
