@@ -251,15 +251,9 @@ impl Admin {
                 format!("no route named `{name}`"),
             );
         };
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                return json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "bad_body",
-                    format!("cannot read the body ({e}); at most {MAX_BODY} bytes"),
-                )
-            }
+        let body = match read_small_body(req).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
         };
         let green = match parse_weight_body(&body) {
             Ok(green) => green,
@@ -293,15 +287,9 @@ impl Admin {
         let Some(faults) = &self.demo_faults else {
             return json_error(StatusCode::NOT_FOUND, "not_found", "not a demo");
         };
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                return json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "bad_body",
-                    format!("cannot read the body ({e}); at most {MAX_BODY} bytes"),
-                )
-            }
+        let body = match read_small_body(req).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
         };
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -423,6 +411,18 @@ impl Admin {
             HeaderValue::from_static("Bearer realm=\"acge-admin\""),
         );
         Some(res)
+    }
+}
+
+/// A mutation's body, at most `MAX_BODY` bytes.
+async fn read_small_body(req: Request<Incoming>) -> Result<Bytes, acge_filters::LocalResponse> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bad_body",
+            format!("cannot read the body ({e}); at most {MAX_BODY} bytes"),
+        )),
     }
 }
 
