@@ -30,6 +30,7 @@ bench:
 	scripts/setup.sh bench
 	benches/load.sh
 	benches/chain-load.sh
+	benches/migration-load.sh
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
 
