@@ -9,6 +9,9 @@
 //! | `GET /weights`                 | `{"routes": {"auth": {"blue": 95, "green": 5}}}`      |
 //! | `PUT /routes/{name}/weights`   | body `{"green": 25}`; needs the bearer token          |
 //! | `GET /config_dump`             | the running config, current weights, no secrets       |
+//! | `GET /migration`               | the migration controller's state, per route           |
+//! | `POST /migration/{r}/{action}` | pause, resume, promote, rollback; needs the token     |
+//! | `PUT /demo/faults`             | demo only: faults of a demo backend; needs the token  |
 //!
 //! Mutations need `Authorization: Bearer <token>`, compared in constant time. With no
 //! token configured they are refused (403): the API is never open by default. This
