@@ -164,6 +164,15 @@ pub struct RouteMigration {
     step_gauge: Gauge,
 }
 
+impl RouteMigration {
+    fn windows(&self) -> &crate::metrics::window::Windows {
+        self.route
+            .windows
+            .as_ref()
+            .expect("the route table gives every route the controller walks its windows")
+    }
+}
+
 pub struct Controller {
     routes: Vec<RouteMigration>,
     config: MigrationConfig,
@@ -291,7 +300,7 @@ impl Controller {
         if p.saved.state != State::Running {
             return false;
         }
-        let recent = r.route.windows.figures(
+        let recent = r.windows().figures(
             Version::Green,
             Duration::from_secs_f64(self.config.rollback_window_s),
             Some(p.since),
@@ -310,10 +319,7 @@ impl Controller {
         if p.since.elapsed() < interval {
             return false;
         }
-        let window = r
-            .route
-            .windows
-            .figures(Version::Green, interval, Some(p.since));
+        let window = r.windows().figures(Version::Green, interval, Some(p.since));
         if window.requests < self.config.min_requests {
             p.holding = Some(format!(
                 "thin traffic: {} green requests in the last interval, {} needed",
@@ -422,7 +428,7 @@ impl Controller {
                     return Ok(self.describe(r));
                 }
                 (Action::Rollback, State::Running | State::Paused | State::Complete) => {
-                    let figures = json!({"green": r.route.windows.figures(
+                    let figures = json!({"green": r.windows().figures(
                         Version::Green,
                         Duration::from_secs_f64(self.config.rollback_window_s),
                         None,
@@ -483,14 +489,8 @@ impl Controller {
     fn describe(&self, r: &RouteMigration) -> serde_json::Value {
         let p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
         let interval = Duration::from_secs_f64(self.config.interval_s);
-        let green = r
-            .route
-            .windows
-            .figures(Version::Green, interval, Some(p.since));
-        let blue = r
-            .route
-            .windows
-            .figures(Version::Blue, interval, Some(p.since));
+        let green = r.windows().figures(Version::Green, interval, Some(p.since));
+        let blue = r.windows().figures(Version::Blue, interval, Some(p.since));
         json!({
             "state": p.saved.state,
             "step": p.saved.step,

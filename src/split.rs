@@ -172,8 +172,9 @@ pub struct Route {
     pub chain: acge_filters::Chain,
     /// Largest body a filter may have buffered, request or response.
     pub max_body_bytes: u64,
-    /// Recent figures per version, for the migration controller.
-    pub windows: Windows,
+    /// Recent figures per version, for the migration controller; None on a route it
+    /// does not walk, which then records nothing per request.
+    pub windows: Option<Windows>,
     /// Mirroring to green at the migration's shadow step.
     pub shadow: Shadow,
 }
@@ -202,12 +203,12 @@ impl Route {
         attributes: Option<&acge_filters::Attributes>,
     ) {
         self.metrics.record(version, status, elapsed);
-        if let Some(version) = version {
+        if let (Some(version), Some(windows)) = (version, &self.windows) {
             let judged = attributes.and_then(|a| a.get::<acge_filters::ResponseJudgement>());
             let hash = attributes
                 .and_then(|a| a.get::<acge_filters::hash::HashChecks>())
                 .and_then(|c| c.response);
-            self.windows.record(
+            windows.record(
                 version,
                 &Outcome {
                     status,
@@ -237,10 +238,6 @@ impl RouteTable {
         migration: Option<&MigrationConfig>,
         mut chain_of: impl FnMut(&RouteConfig) -> acge_filters::Chain,
     ) -> Self {
-        let span = migration.map_or(
-            std::time::Duration::from_secs(60),
-            MigrationConfig::window_span,
-        );
         let shadow = migration.map(|m| m.shadow.clone()).unwrap_or_default();
         let in_order: Vec<Arc<Route>> = configs
             .iter()
@@ -268,7 +265,9 @@ impl RouteTable {
                     metrics,
                     chain: chain_of(rc),
                     max_body_bytes: rc.max_body_bytes,
-                    windows: Windows::new(span),
+                    windows: migration
+                        .filter(|m| m.covers(&rc.name))
+                        .map(|m| Windows::new(m.window_span())),
                     shadow: Shadow::new(&rc.name, &shadow),
                 })
             })

@@ -238,7 +238,9 @@ async fn mirror(
             None,
         ),
     };
-    route.windows.record(Version::Green, &outcome);
+    if let Some(windows) = &route.windows {
+        windows.record(Version::Green, &outcome);
+    }
     let Ok(Ok((blue_status, blue_body))) = tokio::time::timeout(COMPARE_WAIT, blue).await else {
         return;
     };
