@@ -28,25 +28,13 @@ WARMUP=${WARMUP:-2}
 MODEL=${MODEL:-models/acge-default}
 OUT=${OUT:-docs/performance.md}
 
-for tool in wrk nginx python3 curl; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
-    echo "chain-load.sh: $tool is missing; run 'make setup'" >&2; exit 1; }
-done
+. benches/lib.sh
+need_tools wrk nginx python3 curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 MODEL=$(cd "$MODEL" && pwd)
 
-work=$(mktemp -d /tmp/acge-chain.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
-}
-trap cleanup EXIT
-
-echo "building acge-proxy (release)…"
-scripts/cargo-torch build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
+bench_workdir chain
+build_release
 
 cat > "$work/upstream.conf" <<EOF
 worker_processes 1;
@@ -97,19 +85,6 @@ request = function()
 end
 EOF
 sed -e 's/n = n + 1/n = 1/' "$work/unique.lua" > "$work/cached.lua"
-
-start() { # name cmd...
-  local name=$1; shift
-  "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-}
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "chain-load.sh: nothing listens on $1; see $work" >&2; exit 1
-}
 
 start upstream "$NGINX" -c "$work/upstream.conf" -p "$work"
 wait_port 19081

@@ -22,25 +22,13 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-docs/performance.md}
 
-for tool in wrk nginx haproxy taskset python3; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
-    echo "load.sh: $tool is missing; run 'make setup'" >&2; exit 1; }
-done
+. benches/lib.sh
+need_tools wrk nginx haproxy taskset python3
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-work=$(mktemp -d /tmp/acge-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] || rm -rf "$work"
-}
-trap cleanup EXIT
-
-echo "building acge-proxy (release)…"
-"$(dirname "$0")/../scripts/cargo-torch" build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
+bench_workdir bench
+build_release
 
 # Ports: upstream blue 19081, green 19082; proxies listen on 19100 (nginx), 19200
 # (haproxy), 19300 (acge-proxy); acge-proxy admin on 19301.
@@ -111,24 +99,11 @@ routes:
   - {name: auth, match: {path_prefix: /}, blue: blue, green: green, green_weight: 5}
 EOF
 
-start() { # name cpu cmd...
-  local name=$1 cpu=$2; shift 2
-  taskset -c "$cpu" "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-}
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "load.sh: nothing listens on $1; see $work" >&2; exit 1
-}
-
-start upstream "$LOAD_CPU" "$NGINX" -c "$work/upstream.conf" -p "$work"
+start upstream taskset -c "$LOAD_CPU" "$NGINX" -c "$work/upstream.conf" -p "$work"
 wait_port 19081; wait_port 19082
-start nginx "$PROXY_CPU" "$NGINX" -c "$work/nginx.conf" -p "$work"
-start haproxy "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg"
-RUST_LOG=warn start acge "$PROXY_CPU" "$BIN" run --config "$work/acge.yaml" --workers "$WORKERS"
+start nginx taskset -c "$PROXY_CPU" "$NGINX" -c "$work/nginx.conf" -p "$work"
+start haproxy taskset -c "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg"
+RUST_LOG=warn start acge taskset -c "$PROXY_CPU" "$BIN" run --config "$work/acge.yaml" --workers "$WORKERS"
 wait_port 19100; wait_port 19200; wait_port 19300
 
 declare -A url=(

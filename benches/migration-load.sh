@@ -16,16 +16,12 @@ ROLLBACK_AT=${ROLLBACK_AT:-35}
 CONNS=${CONNS:-16}
 TOKEN=bench-token
 
-command -v wrk >/dev/null || { echo "migration-load.sh: wrk is missing; run 'make setup'" >&2; exit 1; }
-echo "building acge-proxy (release)…"
-scripts/cargo-torch build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
-
-work=$(mktemp -d /tmp/acge-migration.XXXXXX)
-ACGE_ADMIN_TOKEN=$TOKEN RUST_LOG=warn "$BIN" demo --dir "$work/demo" --traffic 0 >"$work/demo.log" 2>&1 &
-demo=$!
-trap 'kill $demo 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:15000/ready >/dev/null && break; sleep 0.2; done
+. benches/lib.sh
+need_tools wrk curl
+bench_workdir migration
+build_release
+ACGE_ADMIN_TOKEN=$TOKEN RUST_LOG=warn start demo "$BIN" demo --dir "$work/demo" --traffic 0
+wait_port 15001
 
 cat > "$work/post.lua" <<'EOF'
 wrk.method = "POST"

@@ -1,0 +1,43 @@
+# Helpers the load scripts share; sourced by them, not run. They set and use `work`
+# (a scratch directory, removed at exit unless KEEP is set), `pids` (processes to stop
+# at exit) and `BIN` (the release binary).
+
+# Exits with a hint when a tool is missing (nginx and haproxy may sit in /usr/sbin).
+need_tools() {
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
+      echo "$(basename "$0"): $tool is missing; run 'make setup'" >&2; exit 1; }
+  done
+}
+
+bench_workdir() { # name
+  work=$(mktemp -d "/tmp/acge-$1.XXXXXX")
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
+
+build_release() {
+  echo "building acge-proxy (release)…"
+  scripts/cargo-torch build --release --quiet
+  BIN=${CARGO_TARGET_DIR:-target}/release/acge-proxy
+}
+
+start() { # name cmd...: runs in the background, output in $work/name.log
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+wait_port() { # port
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$(basename "$0"): nothing listens on $1; see $work" >&2; exit 1
+}
