@@ -136,8 +136,10 @@ class Acge(nn.Module):
         self.register_buffer("vocab", word_hashes, persistent=True)
         self.words = nn.Embedding.from_pretrained(torch.cat([words, torch.zeros(1, words.shape[1])]), freeze=True)
         self.drop = nn.Dropout(0.25)
-        # Phrase detectors over consecutive word vectors, max-pooled.
-        self.conv = nn.Conv1d(words.shape[1], channels, kernel_size=3, padding=1)
+        # Phrase detectors over consecutive word vectors, max-pooled; none with
+        # `channels` 0 (the convolution is a fifth of the module's time).
+        self.phrases = channels > 0
+        self.conv = nn.Conv1d(words.shape[1], max(channels, 1), kernel_size=3, padding=1)
         self.mlp = nn.Sequential(
             nn.Linear(dim + principles + words.shape[1] + channels, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, principles)
         )
@@ -211,6 +213,8 @@ class Acge(nn.Module):
         at = torch.where(known, at, torch.full_like(at, self.vocab.shape[0]))
         vec = self.drop(self.words(at.reshape(-1)).reshape(b, most, -1)) * slots.unsqueeze(2)
         wmean = vec.sum(dim=1) / nwords.clamp(min=1).to(torch.float32)
+        if not self.phrases:
+            return torch.sigmoid(self.mlp(torch.cat([mean, evidence, wmean], dim=1)))
         phrases = torch.relu(self.conv(vec.transpose(1, 2))) * slots.unsqueeze(1)
         pmax = phrases.max(dim=2).values
         return torch.sigmoid(self.mlp(torch.cat([mean, evidence, wmean, pmax], dim=1)))
