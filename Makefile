@@ -34,7 +34,7 @@ bench:
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
 
-# Retrain the default ACGE model (seeded; about 3 minutes on 2 cores; fetches the
+# Retrain the default ACGE model (seeded; about 4 minutes on 2 cores; fetches the
 # GloVe word vectors once).
 model:
 	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default \
