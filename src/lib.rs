@@ -1,67 +1,37 @@
 //! acge-proxy: a sidecar L7 proxy that moves a service's traffic from its legacy
 //! **blue** version to its ACGE-backed **green** version.
 //!
-//! A request flows one way: [`server`] accepts it, [`proxy`] finds its route, [`split`]
-//! picks blue or green, [`upstream`] forwards it, and the answer streams back.
-//! [`admin`] serves the operator's API, [`metrics`] owns every metric name, and
-//! [`demo`] runs the seven services in both versions for `acge-proxy demo`.
-//! [`start`] wires these together from a validated [`config::Config`].
+//! The folders say which side of the product a file belongs to: [`proxy`] is the data
+//! plane (what every request touches), [`control`] the control plane (the admin API,
+//! the migration controller), [`telemetry`] the metrics and windows, [`config`] the
+//! configuration, [`demo`] the seven demo services. The filters are the
+//! `acge-filters` crate. [`start`] wires the parts together from a [`ValidConfig`];
+//! nothing else lives here.
 
-pub mod admin;
 pub mod config;
+pub mod control;
 pub mod demo;
-pub mod eval;
-pub mod metrics;
-pub mod migration;
 pub mod proxy;
-pub mod server;
-pub mod split;
-pub mod upstream;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::Response;
-use http_body_util::{BodyExt, Empty, Full};
-use tokio::net::TcpListener;
+use acge_filters::audit::AuditLog;
+use acge_filters::registry::{BuildError, Registry};
+use acge_filters::{Chain, Filter};
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use acge_filters::acge::filter::AcgeFilter;
-use acge_filters::audit::{AuditFilter, AuditLog};
-use acge_filters::hash::HashFilter;
-use acge_filters::{Chain, Filter};
-
-use crate::admin::{Admin, TokenSource};
-use crate::config::Config;
-use crate::server::ServerOptions;
-use crate::split::RouteTable;
-use crate::upstream::Cluster;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body type of everything the proxy sends or receives: streamed, boxed once.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// A locally made response, in the proxy's body type.
-pub fn local(res: acge_filters::LocalResponse) -> Response<Body> {
-    res.map(|b| b.map_err(|never| match never {}).boxed_unsync())
-}
-
-pub fn full(bytes: Bytes) -> Response<Body> {
-    Response::new(
-        Full::new(bytes)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    )
-}
-
-pub fn empty_body() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
+use crate::config::ValidConfig;
+use crate::control::admin::{Admin, Readiness, TokenSource};
+use crate::control::migration::{Controller, MigrationError, Shadow};
+use crate::proxy::route::{Mirror, Parts, RouteTable};
+use crate::proxy::server::{self, ServerOptions};
+use crate::proxy::upstream::Cluster;
+use crate::proxy::Proxy;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +43,13 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("listener.tls: {0}")]
-    Tls(#[from] server::TlsError),
-    #[error("filters.audit: {0}")]
-    Audit(#[from] acge_filters::audit::AuditError),
-    #[error("constitution.hash: {0}")]
-    Hash(#[from] http::header::InvalidHeaderValue),
-    #[error("filters.acge: {0}")]
-    Acge(#[from] acge_filters::acge::filter::AcgeLoadError),
-    #[error("{0}")]
-    Migration(#[from] migration::MigrationError),
+    Tls(#[from] proxy::server::TlsError),
+    #[error(transparent)]
+    Filters(#[from] BuildError),
+    #[error("routes: the filter `{0}` is named as a custom filter but StartOptions has none by that name")]
+    MissingFilter(String),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
 }
 
 /// How to start, beyond the config file.
@@ -89,13 +57,12 @@ pub enum StartError {
 pub struct StartOptions {
     pub admin_token: TokenSource,
     /// Filters of your own, by the name routes list them under (for a program that
-    /// embeds acge-proxy; see docs/filters.md). They are looked up before the
-    /// built-in ones. Config validation knows only the built-in names, so add these
-    /// names to `RouteConfig::filters` after loading.
+    /// embeds acge-proxy; see docs/filters.md). Validate the config with their names
+    /// ([`ValidConfig::new`]).
     pub filters: Vec<(String, Arc<dyn Filter>)>,
-    /// The demo backends' faults, served as `PUT /demo/faults` on the admin port (the
-    /// demo sets it; nothing else should).
-    pub demo_faults: Option<Arc<demo::Faults>>,
+    /// Routes of your own on the admin API (the demo's fault knobs), behind the same
+    /// token layer.
+    pub admin_routes: Vec<axum::Router>,
 }
 
 impl StartOptions {
@@ -103,7 +70,7 @@ impl StartOptions {
         Self {
             admin_token,
             filters: Vec::new(),
-            demo_faults: None,
+            admin_routes: Vec::new(),
         }
     }
 }
@@ -112,22 +79,27 @@ impl StartOptions {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub routes: Arc<RouteTable>,
+    pub routes: Arc<ArcSwap<RouteTable>>,
     /// The audit log, when a route runs the audit filter.
     pub audit: Option<Arc<AuditLog>>,
     /// The migration controller, when the config has a `migration` section.
-    pub migration: Option<Arc<migration::Controller>>,
+    pub migration: Option<Arc<Controller>>,
+    pub proxy: Arc<Proxy>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (up to the drain timeout), then
-    /// writes what the audit log still holds and signs its last checkpoint.
+    /// Stops accepting, drains in-flight requests (up to the drain timeout), writes the
+    /// migration state, then writes what the audit log still holds and signs its last
+    /// checkpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some(m) = &self.migration {
+            m.flush().await;
         }
         if let Some(audit) = self.audit {
             audit.close().await;
@@ -135,135 +107,106 @@ impl Running {
     }
 }
 
-/// The filters this config runs, built once and shared by every route that lists them.
-struct Filters {
-    hash: Option<Arc<HashFilter>>,
-    acge: Option<Arc<AcgeFilter>>,
-    audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
-}
-
-impl Filters {
-    fn build(config: &Config) -> Result<Self, StartError> {
-        let hash = if config.uses_filter("constitutional_hash") {
-            let settings = config
-                .filters
-                .constitutional_hash
-                .clone()
-                .unwrap_or_default();
-            Some(Arc::new(HashFilter::new(
-                &config.constitution.hash,
-                &settings,
-            )?))
-        } else {
-            None
-        };
-        let acge = match (&config.filters.acge, config.uses_filter("acge")) {
-            (Some(settings), true) => Some(Arc::new(AcgeFilter::load(
-                settings,
-                &config.constitution.hash,
-            )?)),
-            _ => None,
-        };
-        let audit = match (&config.filters.audit, config.uses_filter("audit")) {
-            (Some(settings), true) => {
-                let (log, report) = AuditLog::open(settings)?;
-                tracing::info!(
-                    dir = %settings.dir.display(),
-                    records = report.records,
-                    segments = report.segments,
-                    cut = report.cut.as_deref().unwrap_or("nothing"),
-                    "audit log open"
-                );
-                Some((log.clone(), Arc::new(AuditFilter::new(log))))
-            }
-            _ => None,
-        };
-        Ok(Self { hash, acge, audit })
-    }
-
-    fn chain(&self, route: &config::RouteConfig, custom: &[(String, Arc<dyn Filter>)]) -> Chain {
-        let filters = route
-            .filters
-            .iter()
-            .filter_map(|name| -> Option<Arc<dyn Filter>> {
-                if let Some((_, f)) = custom.iter().find(|(n, _)| n == name) {
-                    return Some(f.clone());
-                }
-                match name.as_str() {
-                    "constitutional_hash" => self.hash.clone().map(|f| f as Arc<dyn Filter>),
-                    "acge" => self.acge.clone().map(|f| f as Arc<dyn Filter>),
-                    "audit" => self
-                        .audit
-                        .as_ref()
-                        .map(|(_, f)| f.clone() as Arc<dyn Filter>),
-                    _ => None,
-                }
-            })
-            .collect();
-        Chain::new(filters)
-    }
-}
-
 /// Binds the listeners and starts serving. Port 0 in the config binds any free port;
 /// [`Running`] says which.
-pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
-    let prometheus = metrics::install();
-    let bind = |role, address| async move {
-        TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError::Bind {
-                role,
-                address,
-                source,
-            })
+pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running, StartError> {
+    let prometheus = telemetry::install();
+    let bind = |role, address| {
+        server::bind(address, config.listener.backlog).map_err(|source| StartError::Bind {
+            role,
+            address,
+            source,
+        })
     };
-    let proxy_listener = bind("listener", config.listener_addr()).await?;
-    let admin_listener = bind("admin", config.admin_addr()).await?;
+    let proxy_listener = bind("listener", config.listener_addr())?;
+    let admin_listener = bind("admin", config.admin_addr())?;
     let proxy_addr = proxy_listener
         .local_addr()
         .expect("a bound socket has an address");
     let admin_addr = admin_listener
         .local_addr()
         .expect("a bound socket has an address");
-
     let tls = match &config.listener.tls {
         Some(tls) => Some(server::tls_acceptor(&tls.cert, &tls.key)?),
         None => None,
     };
+
     let clusters: HashMap<String, Arc<Cluster>> = config
         .clusters
         .iter()
         .map(|(name, c)| (name.clone(), Arc::new(Cluster::new(name, c))))
         .collect();
-    let filters = Filters::build(&config)?;
-    let routes = Arc::new(RouteTable::new(
-        &config.routes,
-        &clusters,
-        config.migration.as_ref(),
-        |r| filters.chain(r, &options.filters),
-    ));
-    let audit_log = filters.audit.as_ref().map(|(log, _)| log.clone());
+    let registry = Registry::build(&config.filters, &config.constitution.hash, |name| {
+        config.uses_filter(name)
+    })?;
+    for route in &config.routes {
+        for name in &route.filters {
+            if config.is_custom_filter(name) && !options.filters.iter().any(|(n, _)| n == name) {
+                return Err(StartError::MissingFilter(name.clone()));
+            }
+        }
+    }
+    let shadows: HashMap<String, Arc<Shadow>> = match &config.migration {
+        Some(m) => config
+            .routes
+            .iter()
+            .filter(|r| m.covers(&r.name))
+            .map(|r| (r.name.clone(), Arc::new(Shadow::new(&r.name, &m.shadow))))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let chain_of = |route: &config::RouteConfig| {
+        Chain::new(
+            route
+                .filters
+                .iter()
+                .filter_map(|name| {
+                    options
+                        .filters
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, f)| f.clone())
+                        .or_else(|| registry.for_route(name, &route.name))
+                })
+                .collect(),
+        )
+    };
+    let mirror_of = |route: &config::RouteConfig| {
+        shadows
+            .get(&route.name)
+            .map(|s| s.clone() as Arc<dyn Mirror>)
+    };
+    let table = RouteTable::build(
+        &config,
+        Parts {
+            clusters: &clusters,
+            chain_of: &chain_of,
+            mirror_of: &mirror_of,
+        },
+    );
+    let routes = Arc::new(ArcSwap::from_pointee(table));
+    let audit_log = registry.audit_log();
     let controller = match &config.migration {
-        Some(m) => Some(Arc::new(migration::Controller::new(
+        Some(m) => Some(Arc::new(Controller::new(
             m,
-            &routes,
+            &routes.load(),
+            &shadows,
             audit_log.clone(),
         )?)),
         None => None,
     };
-    let proxy = Arc::new(proxy::Proxy::new(
-        routes.clone(),
-        tls.is_some(),
-        config.listener.max_header_bytes,
-    ));
-    let admin = Arc::new(Admin::new(
-        routes.clone(),
-        prometheus.clone(),
-        options.admin_token,
-        config.clone(),
-        controller.clone(),
-        options.demo_faults.clone(),
-    ));
+    let proxy = Arc::new(Proxy::new(&config, routes.clone()));
+    let readiness = Arc::new(Readiness::new(&clusters));
+    let config = Arc::new(config);
+    let admin = Arc::new(Admin {
+        routes: routes.clone(),
+        prometheus: prometheus.clone(),
+        token: options.admin_token.clone(),
+        config: config.clone(),
+        readiness: readiness.clone(),
+        migration: controller.clone(),
+    })
+    .router(options.admin_routes.clone());
 
     let (shutdown, signal) = watch::channel(false);
     let stopped = move || {
@@ -272,51 +215,48 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             let _ = signal.wait_for(|stop| *stop).await;
         }
     };
-    let proxy_options = ServerOptions {
-        tls,
-        max_header_bytes: config.listener.max_header_bytes,
-        header_read_timeout: Duration::from_millis(config.listener.header_read_timeout_ms),
-        drain_timeout: Duration::from_millis(config.listener.drain_timeout_ms),
-    };
     let mut tasks = Vec::new();
+    let serving = proxy.clone();
     tasks.push(tokio::spawn(server::serve(
         proxy_listener,
-        proxy_options,
-        move |req, peer| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req, peer).await }
+        ServerOptions::of_listener(&config.listener, tls),
+        move |req, peer, in_flight| {
+            let proxy = serving.clone();
+            async move { proxy.handle(req, peer, in_flight).await }
         },
         stopped(),
     )));
-    let admin_for_server = admin.clone();
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
         ServerOptions::default(),
-        move |req, _peer| {
-            let admin = admin_for_server.clone();
-            async move { admin.handle(req).await }
-        },
+        move |req, _peer, _in_flight| control::admin::serve(admin.clone(), req),
         stopped(),
     )));
     if let Some(c) = &controller {
         tasks.push(c.clone().spawn(stopped()));
     }
-    let upkeep = metrics::spawn_upkeep(prometheus);
+    let background = [
+        telemetry::spawn_upkeep(prometheus),
+        readiness.spawn_probes(clusters),
+    ];
     tasks.push(tokio::spawn({
         let stop = stopped();
         async move {
             stop.await;
-            upkeep.abort();
+            for task in background {
+                task.abort();
+            }
         }
     }));
-    admin.set_ready();
-    tracing::info!(%proxy_addr, %admin_addr, routes = routes.iter().count(), "acge-proxy serving");
+    readiness.set_serving();
+    tracing::info!(%proxy_addr, %admin_addr, routes = config.routes.len(), "acge-proxy serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
         routes,
         audit: audit_log,
         migration: controller,
+        proxy,
         shutdown,
         tasks,
     })

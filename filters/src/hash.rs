@@ -10,19 +10,20 @@
 //! "Annotated" means the result travels in `x-acge-hash-check` (on the forwarded request,
 //! and on the response to the client). Every check counts in `acge_hash_checks_total`;
 //! per route and version the share of consistent responses is kept for the migration
-//! gate ([`HashFilter::consistency`]) and exported as `acge_hash_consistency_ratio`.
+//! gate (through [`crate::Findings`]) and exported as `acge_hash_consistency_ratio`.
+//! A header with more than one value is a mismatch, whatever the values are: two
+//! hashes are never one constitution.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO};
-use crate::{json_error, Exchange, Filter, RequestCtx, ResponseCtx, Verdict};
+use crate::{json_error, Exchange, Filter, LogError, Verdict, Version};
 
 pub const HASH_HEADER: HeaderName = HeaderName::from_static("x-constitutional-hash");
 pub const CHECK_HEADER: HeaderName = HeaderName::from_static("x-acge-hash-check");
@@ -76,8 +77,6 @@ pub struct HashChecks {
     pub response: Option<HashResult>,
 }
 
-type RouteVersion = (Arc<str>, &'static str);
-
 /// What one route and version has seen, with its metric handles registered once.
 struct Stats {
     consistent: AtomicU64,
@@ -114,11 +113,25 @@ const RESULTS: [HashResult; 4] = [
     HashResult::Stamped,
 ];
 
+/// The filter's settings, shared by every route that lists it.
 pub struct HashFilter {
     expected: HeaderValue,
     expected_text: String,
     mode: HashMode,
-    stats: RwLock<HashMap<RouteVersion, Arc<Stats>>>,
+}
+
+/// The filter bound to one route, with that route's metric handles.
+pub struct RouteHashFilter {
+    shared: Arc<HashFilter>,
+    /// Blue, green, none ([`Version::index`]).
+    stats: [Stats; 3],
+}
+
+/// What one header check saw.
+struct Seen<'a> {
+    result: HashResult,
+    values: usize,
+    first: Option<&'a HeaderValue>,
 }
 
 impl HashFilter {
@@ -131,54 +144,54 @@ impl HashFilter {
             expected: HeaderValue::from_str(expected)?,
             expected_text: expected.to_string(),
             mode: config.mode,
-            stats: RwLock::new(HashMap::new()),
         })
     }
 
-    fn check(&self, value: Option<&HeaderValue>) -> HashResult {
-        match value {
-            None => HashResult::Missing,
-            Some(v) if v == self.expected => HashResult::Match,
-            Some(_) => HashResult::Mismatch,
+    /// Binds the filter to `route`, registering its metric handles.
+    pub fn for_route(self: &Arc<Self>, route: &str) -> RouteHashFilter {
+        RouteHashFilter {
+            shared: self.clone(),
+            stats: [
+                Stats::new(route, Version::Blue.as_str()),
+                Stats::new(route, Version::Green.as_str()),
+                Stats::new(route, "none"),
+            ],
         }
     }
 
-    /// The share of `version`'s responses on `route` that carried the right hash, or
-    /// None before any was checked.
-    pub fn consistency(&self, route: &str, version: &str) -> Option<f64> {
-        let map = self
-            .stats
-            .read()
-            .expect("never poisoned: no panics under the lock");
-        let c = map
-            .iter()
-            .find(|((r, v), _)| &**r == route && *v == version)?
-            .1;
-        let total = c.total.load(Ordering::Relaxed);
-        (total > 0).then(|| c.consistent.load(Ordering::Relaxed) as f64 / total as f64)
-    }
-
-    /// The stats of one route and version; registered on first use, then read-locked.
-    fn stats(&self, route: &Arc<str>, version: &'static str) -> Arc<Stats> {
-        let key = (route.clone(), version);
-        if let Some(s) = self
-            .stats
-            .read()
-            .expect("never poisoned: no panics under the lock")
-            .get(&key)
-        {
-            return s.clone();
+    /// One value, equal to the expected hash, matches; none is missing; another value,
+    /// or more than one value (whatever they are), is a mismatch.
+    fn check<'a>(&self, headers: &'a HeaderMap) -> Seen<'a> {
+        let mut all = headers.get_all(HASH_HEADER).iter();
+        let first = all.next();
+        let values = usize::from(first.is_some()) + all.count();
+        let result = match (first, values) {
+            (None, _) => HashResult::Missing,
+            (Some(v), 1) if v == self.expected => HashResult::Match,
+            _ => HashResult::Mismatch,
+        };
+        Seen {
+            result,
+            values,
+            first,
         }
-        self.stats
-            .write()
-            .expect("never poisoned: no panics under the lock")
-            .entry(key)
-            .or_insert_with(|| Arc::new(Stats::new(route, version)))
-            .clone()
     }
 
-    fn record_response(&self, route: &Arc<str>, version: &'static str, result: HashResult) {
-        let s = self.stats(route, version);
+    fn describe(seen: &Seen<'_>) -> String {
+        match (seen.first, seen.values) {
+            (None, _) => "no x-constitutional-hash header".to_string(),
+            (Some(v), 1) => format!(
+                "x-constitutional-hash: {}",
+                String::from_utf8_lossy(v.as_bytes())
+            ),
+            (_, n) => format!("{n} x-constitutional-hash values (exactly one is allowed)"),
+        }
+    }
+}
+
+impl RouteHashFilter {
+    fn record_response(&self, version: Version, result: HashResult) {
+        let s = &self.stats[version as usize];
         let ok = u64::from(result.consistent());
         let total = s.total.fetch_add(1, Ordering::Relaxed) + 1;
         let consistent = s.consistent.fetch_add(ok, Ordering::Relaxed) + ok;
@@ -188,86 +201,93 @@ impl HashFilter {
 }
 
 #[async_trait]
-impl Filter for HashFilter {
+impl Filter for RouteHashFilter {
     fn name(&self) -> &'static str {
         "constitutional_hash"
     }
 
-    async fn on_request(&self, req: &mut RequestCtx) -> Verdict {
-        let mut result = self.check(req.headers.get(HASH_HEADER));
-        if self.mode == HashMode::Stamp && result == HashResult::Missing {
-            req.headers.insert(HASH_HEADER, self.expected.clone());
+    async fn on_request(&self, ex: &mut Exchange) -> Verdict {
+        let f = &self.shared;
+        let seen = f.check(&ex.request.headers);
+        let mut result = seen.result;
+        let refusal = (f.mode == HashMode::Enforce && !result.consistent()).then(|| {
+            format!(
+                "expected x-constitutional-hash: {}, got {}",
+                f.expected_text,
+                HashFilter::describe(&seen)
+            )
+        });
+        if f.mode == HashMode::Stamp && result == HashResult::Missing {
+            ex.request.headers.insert(HASH_HEADER, f.expected.clone());
             result = HashResult::Stamped;
         }
-        req.attributes.insert(HashChecks {
+        ex.attributes.insert(HashChecks {
             request: Some(result),
             response: None,
         });
-        if self.mode == HashMode::Enforce && !result.consistent() {
-            let got = match req.headers.get(HASH_HEADER) {
-                Some(v) => format!("`{}`", String::from_utf8_lossy(v.as_bytes())),
-                None => "no x-constitutional-hash header".to_string(),
-            };
+        if let Some(detail) = refusal {
             return Verdict::Respond(json_error(
                 StatusCode::FORBIDDEN,
                 "constitutional_hash_required",
-                format!(
-                    "expected x-constitutional-hash: {}, got {got}",
-                    self.expected_text
-                ),
+                detail,
             ));
         }
-        if self.mode != HashMode::Enforce {
-            req.headers
+        if f.mode != HashMode::Enforce {
+            ex.request
+                .headers
                 .insert(CHECK_HEADER, HeaderValue::from_static(result.as_str()));
         }
         Verdict::Continue
     }
 
-    async fn on_response(&self, res: &mut ResponseCtx) -> Verdict {
+    async fn on_response(&self, ex: &mut Exchange) -> Verdict {
+        let f = &self.shared;
         // Answers the proxy made itself carry no upstream hash to check.
-        let Some(version) = res.version else {
+        let Some(answer) = ex.response.as_mut() else {
             return Verdict::Continue;
         };
-        let result = self.check(res.headers.get(HASH_HEADER));
-        self.record_response(&res.route, version, result);
-        let mut checks = res
+        let Some(version) = answer.upstream() else {
+            return Verdict::Continue;
+        };
+        let seen = f.check(&answer.headers);
+        let result = seen.result;
+        let refusal = (f.mode == HashMode::Enforce && !result.consistent()).then(|| {
+            format!(
+                "the {} upstream answered with {} instead of x-constitutional-hash: {}",
+                version.as_str(),
+                HashFilter::describe(&seen),
+                f.expected_text
+            )
+        });
+        if f.mode != HashMode::Enforce {
+            answer
+                .headers
+                .insert(CHECK_HEADER, HeaderValue::from_static(result.as_str()));
+        }
+        self.record_response(version, result);
+        let mut checks = ex
             .attributes
             .get::<HashChecks>()
             .copied()
             .unwrap_or_default();
         checks.response = Some(result);
-        res.attributes.insert(checks);
-        if self.mode == HashMode::Enforce && !result.consistent() {
-            return Verdict::Respond(json_error(
+        ex.attributes.insert(checks);
+        ex.findings.hash_consistent = Some(result.consistent());
+        match refusal {
+            Some(detail) => Verdict::Respond(json_error(
                 StatusCode::BAD_GATEWAY,
                 "constitutional_hash_mismatch",
-                format!(
-                    "the {version} upstream answered with {} instead of x-constitutional-hash: {}",
-                    match res.headers.get(HASH_HEADER) {
-                        Some(v) => format!(
-                            "x-constitutional-hash: {}",
-                            String::from_utf8_lossy(v.as_bytes())
-                        ),
-                        None => "no x-constitutional-hash header".to_string(),
-                    },
-                    self.expected_text
-                ),
-            ));
+                detail,
+            )),
+            None => Verdict::Continue,
         }
-        if self.mode != HashMode::Enforce {
-            res.headers
-                .insert(CHECK_HEADER, HeaderValue::from_static(result.as_str()));
-        }
-        Verdict::Continue
     }
 
-    fn on_log(&self, done: &Exchange) {
+    async fn on_log(&self, ex: &Exchange) -> Result<(), LogError> {
         // Requests are counted here, once the version they went to is known.
-        if let Some(result) = done.attributes.get::<HashChecks>().and_then(|c| c.request) {
-            self.stats(&done.route, done.version.unwrap_or("none"))
-                .requests[result as usize]
-                .increment(1);
+        if let Some(result) = ex.attributes.get::<HashChecks>().and_then(|c| c.request) {
+            self.stats[Version::index(ex.version)].requests[result as usize].increment(1);
         }
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 /// A small indentation scanner over block-style YAML, enough for config files as people
 /// write them. A path inside a flow collection (`{a: 1}`) maps to the line of the
 /// nearest enclosing block entry.
+#[derive(Debug)]
 pub(super) struct LineIndex {
     lines: HashMap<String, usize>,
 }
@@ -44,7 +45,9 @@ impl LineIndex {
             let mut indent = raw.len() - trimmed.len();
             let mut rest = trimmed;
             while rest == "-" || rest.starts_with("- ") {
-                stack.retain(|(i, _)| *i <= indent);
+                while stack.last().is_some_and(|(i, _)| *i > indent) {
+                    stack.pop();
+                }
                 let index = match stack.last() {
                     Some((i, Seg::Item(k))) if *i == indent => {
                         let next = k + 1;
@@ -60,7 +63,9 @@ impl LineIndex {
                 rest = after;
             }
             if let Some(key) = block_key(rest) {
-                stack.retain(|(i, _)| *i < indent);
+                while stack.last().is_some_and(|(i, _)| *i >= indent) {
+                    stack.pop();
+                }
                 stack.push((indent, Seg::Key(key)));
                 lines.entry(path_of(&stack)).or_insert(line_no);
             }
@@ -79,6 +84,54 @@ impl LineIndex {
             p = &p[..cut];
         }
     }
+}
+
+/// The first line at which `text` nests deeper than `max` levels (block indentation,
+/// `- ` items and flow brackets together), in one linear pass; None when it does not.
+pub(super) fn deeper_than(text: &str, max: usize) -> Option<usize> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for (n, raw) in text.lines().enumerate() {
+        let trimmed = raw.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = raw.len() - trimmed.len();
+        if flow == 0 {
+            while indents.last().is_some_and(|i| *i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let mut rest = trimmed;
+        let mut items = 0;
+        while rest == "-" || rest.starts_with("- ") {
+            items += 1;
+            rest = rest[1..].trim_start();
+        }
+        let mut deepest = flow;
+        let mut quote = None;
+        let mut previous = ' ';
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if previous.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    deepest = deepest.max(flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            previous = c;
+        }
+        if indents.len() + items + deepest > max {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// The key of a `key: value` or `key:` line, unquoted; None for anything else.
@@ -108,6 +161,21 @@ fn block_key(rest: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_depth_is_bounded_in_one_pass() {
+        assert_eq!(deeper_than("a:\n  b:\n    c: [1, {d: 2}]\n", 5), None);
+        assert_eq!(deeper_than("a:\n  b:\n    c: [1, {d: 2}]\n", 4), Some(3));
+        assert_eq!(deeper_than("a: '[[[['\nb: 1 # [[[[\n", 2), None);
+        assert_eq!(deeper_than("- - - - x\n", 3), Some(1));
+        // 60,000 levels of flow nesting: refused at once, in linear time.
+        let deep = format!("a: {}{}\n", "[".repeat(60_000), "]".repeat(60_000));
+        assert_eq!(deeper_than(&deep, 32), Some(1));
+        let blocks: String = (0..2_000)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
+        assert_eq!(deeper_than(&blocks, 32), Some(33));
+    }
 
     #[test]
     fn line_index_follows_compact_and_nested_sequences() {

@@ -1,128 +1,179 @@
-//! The log phase's guarantee: it runs exactly once per exchange, when the response body
-//! has been sent, or when whatever holds the exchange is dropped first (the client went
-//! away: status 499, or the upstream failed mid-body).
+//! The end of an exchange: measured, counted and logged when the answer's body ends,
+//! not when its head goes out.
+//!
+//! [`Finish`] holds what the end needs (the route, the exchange, the request's
+//! in-flight guard and the budget it holds). [`LoggedBody`] wraps the answer's body and
+//! runs the end exactly once: when the body has been read to its end (the last frame is
+//! held back until the log phases are done, so that in `sync` mode the client's answer
+//! completes only once its audit record is on disk), when the upstream cuts it (502,
+//! counted as an upstream `body` error), or when it is dropped first (the client went
+//! away: 499, the log phases then run in a task of their own).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
-use acge_filters::{Attributes, Chain, Exchange, CLIENT_CLOSED_REQUEST};
+use acge_filters::{End, Ending, Exchange, LogError, CLIENT_CLOSED_REQUEST};
 use bytes::Bytes;
-use http::{Method, StatusCode};
-use hyper::body::Body as _;
+use http::StatusCode;
+use hyper::body::Frame;
 
-use crate::split::{Route, Version};
-use crate::Body;
+use super::body::{Body, BoxError, Lease};
+use super::route::Route;
+use super::server::InFlight;
+use super::upstream::BODY_CUT;
 
-/// Runs the route's log phase exactly once: when the response body ends, or when
-/// whatever holds it is dropped (the client went away, the upstream failed mid-way).
-pub(super) struct LogGuard {
-    chain: Chain,
-    exchange: Option<Exchange>,
-    pub(super) start: Instant,
+type LogFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
+
+/// What the end of one exchange needs.
+pub(super) struct Finish {
+    pub(super) route: Arc<Route>,
+    pub(super) ex: Exchange,
+    /// The status of the answer's head, as sent.
+    pub(super) status: StatusCode,
+    pub(super) _in_flight: InFlight,
+    pub(super) _leases: Vec<Lease>,
 }
 
-impl LogGuard {
-    pub(super) fn new(
-        route: &Route,
-        request_id: &Arc<str>,
-        method: &Method,
-        path: &str,
-        start: Instant,
-    ) -> Self {
-        Self {
-            chain: route.chain.clone(),
-            exchange: Some(Exchange {
-                route: route.name.clone(),
-                request_id: request_id.clone(),
-                method: method.clone(),
-                path: path.to_string(),
-                version: None,
-                status: StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status"),
-                completed: false,
-                latency: Duration::ZERO,
-                attributes: Attributes::default(),
-            }),
-            start,
-        }
-    }
-
-    /// The exchange as it stands; present until the log phase has run.
-    pub(super) fn exchange(&self) -> &Exchange {
-        self.exchange
-            .as_ref()
-            .expect("the log phase runs only when the guard completes or drops")
-    }
-
-    pub(super) fn version(&mut self, version: Version) {
-        if let Some(e) = &mut self.exchange {
-            e.version = Some(version.as_str());
-        }
-    }
-
-    pub(super) fn answered(&mut self, status: StatusCode, attributes: Attributes) {
-        if let Some(e) = &mut self.exchange {
-            e.status = status;
-            e.attributes = attributes;
-        }
-    }
-
-    fn complete(&mut self) {
-        if let Some(e) = &mut self.exchange {
-            e.completed = true;
-        }
-        self.fire();
-    }
-
-    fn fire(&mut self) {
-        if let Some(mut e) = self.exchange.take() {
-            e.latency = self.start.elapsed();
-            if !e.completed {
-                e.status =
-                    StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status");
+impl Finish {
+    /// Records the end and returns the log phases to run (None when the route has no
+    /// filters).
+    pub(super) fn end(mut self: Box<Self>, ending: Ending) -> Option<LogFuture> {
+        let status = match ending {
+            Ending::Complete => self.status,
+            Ending::ClientGone => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status")
             }
-            self.chain.on_log(&e);
+            Ending::UpstreamCut => StatusCode::BAD_GATEWAY,
+        };
+        self.ex.end = Some(End {
+            status,
+            ending,
+            latency: self.ex.started.elapsed(),
+        });
+        if ending == Ending::UpstreamCut {
+            if let Some(version) = self.ex.answered_by() {
+                self.route.metrics.upstream_error(version, BODY_CUT);
+            }
+        }
+        self.route.observe(&self.ex);
+        if self.route.chain.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let result = self.route.chain.on_log(&self.ex).await;
+            drop(self);
+            result
+        }))
+    }
+
+    /// Ends the exchange now and waits for its log phases (an answer with no body to
+    /// hold back).
+    pub(super) async fn end_now(self: Box<Self>) {
+        if let Some(log) = self.end(Ending::Complete) {
+            let _ = log.await;
         }
     }
 }
 
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        self.fire();
-    }
+enum State {
+    Streaming(Box<Finish>),
+    /// The body has ended; its last frame waits for the log phases.
+    Logging {
+        log: LogFuture,
+        held: Option<Frame<Bytes>>,
+    },
+    Done,
 }
 
-/// A response body that completes its exchange's log when it ends.
+/// An answer's body that ends its exchange when it ends.
 pub(super) struct LoggedBody {
-    pub(super) body: Body,
-    pub(super) log: Option<LogGuard>,
+    body: Body,
+    state: State,
+}
+
+impl LoggedBody {
+    pub(super) fn new(body: Body, finish: Box<Finish>) -> Self {
+        Self {
+            body,
+            state: State::Streaming(finish),
+        }
+    }
+
+    fn start_end(&mut self, ending: Ending, held: Option<Frame<Bytes>>) -> Option<Frame<Bytes>> {
+        let State::Streaming(finish) = std::mem::replace(&mut self.state, State::Done) else {
+            return held;
+        };
+        match finish.end(ending) {
+            Some(log) => {
+                self.state = State::Logging { log, held };
+                None
+            }
+            None => held,
+        }
+    }
 }
 
 impl hyper::body::Body for LoggedBody {
     type Data = Bytes;
-    type Error = crate::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            if let Some(mut log) = self.log.take() {
-                log.complete();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Streaming(_) => match Pin::new(&mut this.body).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) if !this.body.is_end_stream() => {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    // The last frame: held back while the log phases run.
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(frame) = this.start_end(Ending::Complete, Some(frame)) {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        this.start_end(Ending::Complete, None);
+                    }
+                    // The upstream cut its body: the client's answer fails too, and
+                    // nothing is held back for the log phases.
+                    Poll::Ready(Some(Err(e))) => {
+                        if let State::Streaming(finish) =
+                            std::mem::replace(&mut this.state, State::Done)
+                        {
+                            if let Some(log) = finish.end(Ending::UpstreamCut) {
+                                spawn_log(log);
+                            }
+                        }
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Logging { log, held } => {
+                    let result = match log.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => result,
+                    };
+                    let held = held.take();
+                    this.state = State::Done;
+                    return match result {
+                        // The client must not see as complete an exchange whose log
+                        // phase failed (an audit record that was not written).
+                        Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                        Ok(()) => Poll::Ready(held.map(Ok)),
+                    };
+                }
+                State::Done => return Poll::Ready(None),
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        matches!(self.state, State::Done) && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -132,11 +183,27 @@ impl hyper::body::Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        if let Some(mut log) = self.log.take() {
-            // An empty body is never polled: it was complete when it was sent.
-            if self.body.is_end_stream() {
-                log.complete();
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Streaming(finish) => {
+                if let Some(log) = finish.end(Ending::ClientGone) {
+                    spawn_log(log);
+                }
             }
+            // The answer was read to its end; the client went before the log phases
+            // were done. They finish on their own.
+            State::Logging { log, .. } => spawn_log(log),
+            State::Done => {}
         }
+    }
+}
+
+fn spawn_log(log: LogFuture) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                let _ = log.await;
+            });
+        }
+        Err(_) => tracing::warn!("no runtime to finish an exchange's log phases on"),
     }
 }

@@ -14,9 +14,11 @@ use tokio::sync::oneshot;
 
 /// What runs a batch: the libtorch engine, or a stand-in in tests.
 pub trait Backend: Send + 'static {
+    type Error: std::error::Error;
+
     /// Scores a batch of inputs (each a sequence of byte ids; lengths differ, the
     /// backend pads to the longest). Returns one row of P probabilities per input.
-    fn infer(&mut self, batch: &[&[i64]]) -> Result<Vec<Vec<f32>>, String>;
+    fn infer(&mut self, batch: &[&[i64]]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,7 @@ pub enum InferError {
     QueueFull,
     #[error("no result within {0:?}")]
     Timeout(Duration),
+    /// The backend's error, rendered once: every item of the failed batch gets it.
     #[error("the model failed: {0}")]
     Engine(String),
     #[error("the inference thread has stopped")]
@@ -172,7 +175,7 @@ fn run<B: Backend, O: BatchObserver>(
                 ));
                 fail_all(live, e, &observer);
             }
-            Err(msg) => fail_all(live, InferError::Engine(msg), &observer),
+            Err(e) => fail_all(live, InferError::Engine(e.to_string()), &observer),
         }
     }
 }
@@ -196,12 +199,18 @@ mod tests {
         fail: bool,
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Boom(&'static str);
+
     impl Backend for Fake {
-        fn infer(&mut self, batch: &[&[i64]]) -> Result<Vec<Vec<f32>>, String> {
+        type Error = Boom;
+
+        fn infer(&mut self, batch: &[&[i64]]) -> Result<Vec<Vec<f32>>, Boom> {
             self.sizes.lock().unwrap().push(batch.len());
             std::thread::sleep(self.delay);
             if self.fail {
-                return Err("boom".into());
+                return Err(Boom("boom"));
             }
             Ok(batch.iter().map(|i| vec![i.len() as f32 / 100.0]).collect())
         }
@@ -289,12 +298,26 @@ mod tests {
         assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn engine_errors_reach_every_item_of_the_batch() {
-        let (b, _) = batcher(4, 5, 8, 0, true);
+        // Four callers inside one 200 ms batching window: one batch of four, which fails.
+        let (b, sizes) = batcher(4, 200, 8, 0, true);
+        let mut tasks = Vec::new();
+        for n in 1..=4usize {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move { b.infer(vec![1; n]).await }));
+        }
+        for t in tasks {
+            assert_eq!(
+                t.await.unwrap(),
+                Err(InferError::Engine("boom".into())),
+                "every item of the failed batch gets the engine's error"
+            );
+        }
         assert_eq!(
-            b.infer(vec![1]).await,
-            Err(InferError::Engine("boom".into()))
+            sizes.lock().unwrap().as_slice(),
+            &[4],
+            "the four items were one batch"
         );
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! compliance score = 1 − the highest violation probability; the principles over the
 //! threshold are named. `mode: enforce` answers a non-compliant request with 403 and
-//! turns a non-compliant response into 502; `mode: observe` forwards and annotates
-//! (`x-acge-compliance`, `x-acge-principles`). When the model cannot answer (engine
-//! error, timeout, full queue), `on_error: deny` (the default: fail closed) answers
-//! 503 and `allow` forwards with `x-acge-compliance: unavailable`; both are counted.
+//! turns a non-compliant response into 502; `mode: observe` forwards and annotates.
+//! The request's score travels upstream in `x-acge-request-compliance` and
+//! `x-acge-request-principles`; the response's score goes to the client in
+//! `x-acge-response-compliance` and `x-acge-response-principles` (each header has one
+//! meaning). When the model cannot answer (engine error, timeout, full queue),
+//! `on_error: deny` (the default: fail closed) answers 503 and `allow` forwards with the
+//! score header set to `unavailable`; both are counted.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,10 +27,18 @@ use crate::metrics::{
     COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_BATCH_SIZE, INFERENCE_CACHE_TOTAL,
     INFERENCE_ERRORS_TOTAL, INFERENCE_QUEUE_SECONDS, INFERENCE_SECONDS,
 };
-use crate::{json_error, Compliance, Exchange, Filter, RequestCtx, ResponseCtx, Verdict};
+use crate::{json_error, Compliance, Exchange, Filter, LogError, Verdict, Version};
 
-pub const COMPLIANCE_HEADER: HeaderName = HeaderName::from_static("x-acge-compliance");
-pub const PRINCIPLES_HEADER: HeaderName = HeaderName::from_static("x-acge-principles");
+/// The request's score, on the request sent upstream.
+pub const REQUEST_COMPLIANCE_HEADER: HeaderName =
+    HeaderName::from_static("x-acge-request-compliance");
+pub const REQUEST_PRINCIPLES_HEADER: HeaderName =
+    HeaderName::from_static("x-acge-request-principles");
+/// The response's score, on the answer sent to the client.
+pub const RESPONSE_COMPLIANCE_HEADER: HeaderName =
+    HeaderName::from_static("x-acge-response-compliance");
+pub const RESPONSE_PRINCIPLES_HEADER: HeaderName =
+    HeaderName::from_static("x-acge-response-principles");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -159,15 +169,36 @@ impl Decision {
     }
 }
 
-/// The metric handles of one route, version and phase, registered on first use so
-/// that a request records with atomics, not label look-ups.
+/// The metric handles of one route, version and phase, registered when the filter is
+/// bound to the route, so that a request records with atomics, not label look-ups.
 struct PhaseMetrics {
     score: Histogram,
     decisions: [Counter; 3],
 }
 
-type PhaseKey = (Arc<str>, &'static str, Phase);
+impl PhaseMetrics {
+    fn new(route: &str, version: &'static str, phase: Phase) -> Self {
+        let labels = |d: Decision| {
+            counter!(DECISIONS_TOTAL, "route" => route.to_string(), "version" => version,
+                "phase" => phase.as_str(), "decision" => d.as_str())
+        };
+        Self {
+            score: histogram!(COMPLIANCE_SCORE, "route" => route.to_string(), "version" => version, "phase" => phase.as_str()),
+            decisions: DECISIONS.map(labels),
+        }
+    }
+}
 
+/// The filter bound to one route, with that route's metric handles.
+pub struct RouteAcgeFilter {
+    shared: Arc<AcgeFilter>,
+    /// Request phase, by the version the request went to ([`Version::index`]).
+    request: [PhaseMetrics; 3],
+    /// Response phase, blue and green.
+    response: [PhaseMetrics; 2],
+}
+
+/// The model, its batcher and cache: built once, shared by every route.
 pub struct AcgeFilter {
     batcher: Batcher,
     cache: ScoreCache,
@@ -179,7 +210,6 @@ pub struct AcgeFilter {
     on_request: bool,
     on_response: bool,
     headers: Vec<HeaderName>,
-    metrics: RwLock<HashMap<PhaseKey, Arc<PhaseMetrics>>>,
     cache_hits: Counter,
     cache_misses: Counter,
 }
@@ -206,8 +236,8 @@ impl BatchObserver for Observer {
 pub enum AcgeLoadError {
     #[error("this build has no libtorch: rebuild with the `torch` feature (the default) to run the acge filter")]
     NoTorch,
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(#[from] super::meta::ModelError),
     #[error("headers: `{0}` is not a header name")]
     Header(String),
     #[error("cannot start the inference thread: {0}")]
@@ -223,8 +253,7 @@ impl AcgeFilter {
             constitution_hash,
             config.device,
             config.threads,
-        )
-        .map_err(|e| AcgeLoadError::Model(e.to_string()))?;
+        )?;
         tracing::info!(model = %meta.name, version = %meta.version, device = ?engine.device(), "ACGE model loaded");
         Self::with_backend(
             engine,
@@ -238,6 +267,28 @@ impl AcgeFilter {
     #[cfg(not(feature = "torch"))]
     pub fn load(_config: &AcgeConfig, _constitution_hash: &str) -> Result<Self, AcgeLoadError> {
         Err(AcgeLoadError::NoTorch)
+    }
+
+    /// Loads the model as [`AcgeFilter::load`] would (metadata, constitution hash,
+    /// module, output shape), and lets it go again: starts no thread. For
+    /// `acge-proxy check`.
+    pub fn check(config: &AcgeConfig, constitution_hash: &str) -> Result<(), AcgeLoadError> {
+        #[cfg(feature = "torch")]
+        {
+            // Checked on the CPU when the config asks for CUDA: a missing GPU is for the
+            // machine that runs the proxy to find, not the one that checks its config.
+            let device = match config.device {
+                super::DeviceChoice::Cuda => super::DeviceChoice::Auto,
+                d => d,
+            };
+            super::engine::TorchEngine::load(&config.model, constitution_hash, device, None)?;
+            Ok(())
+        }
+        #[cfg(not(feature = "torch"))]
+        {
+            super::meta::ModelMeta::read(&config.model, constitution_hash)?;
+            Err(AcgeLoadError::NoTorch)
+        }
     }
 
     /// Builds the filter over any backend (the engine, or a stand-in).
@@ -280,7 +331,6 @@ impl AcgeFilter {
             on_request: config.on.contains(&Phase::Request),
             on_response: config.on.contains(&Phase::Response),
             headers,
-            metrics: RwLock::new(HashMap::new()),
             cache_hits: counter!(INFERENCE_CACHE_TOTAL, "result" => "hit"),
             cache_misses: counter!(INFERENCE_CACHE_TOTAL, "result" => "miss"),
         })
@@ -340,38 +390,6 @@ impl AcgeFilter {
         })
     }
 
-    fn phase_metrics(
-        &self,
-        route: &Arc<str>,
-        version: &'static str,
-        phase: Phase,
-    ) -> Arc<PhaseMetrics> {
-        let key = (route.clone(), version, phase);
-        if let Some(m) = self
-            .metrics
-            .read()
-            .expect("never poisoned: no panics under the lock")
-            .get(&key)
-        {
-            return m.clone();
-        }
-        self.metrics
-            .write()
-            .expect("never poisoned: no panics under the lock")
-            .entry(key)
-            .or_insert_with(|| {
-                let labels = |d: Decision| {
-                    counter!(DECISIONS_TOTAL, "route" => route.to_string(), "version" => version,
-                        "phase" => phase.as_str(), "decision" => d.as_str())
-                };
-                Arc::new(PhaseMetrics {
-                    score: histogram!(COMPLIANCE_SCORE, "route" => route.to_string(), "version" => version, "phase" => phase.as_str()),
-                    decisions: DECISIONS.map(labels),
-                })
-            })
-            .clone()
-    }
-
     /// Keeps the worse of the request's and the response's judgement for the audit log.
     fn remember(attributes: &mut crate::Attributes, c: &Compliance) {
         let merged = match attributes.get::<Compliance>() {
@@ -381,54 +399,74 @@ impl AcgeFilter {
         attributes.insert(merged);
     }
 
-    fn annotate(headers: &mut http::HeaderMap, c: Option<&Compliance>) {
+    fn annotate(headers: &mut http::HeaderMap, phase: Phase, c: Option<&Compliance>) {
+        let (score_header, principles_header) = match phase {
+            Phase::Request => (REQUEST_COMPLIANCE_HEADER, REQUEST_PRINCIPLES_HEADER),
+            Phase::Response => (RESPONSE_COMPLIANCE_HEADER, RESPONSE_PRINCIPLES_HEADER),
+        };
         let score = c.map_or("unavailable".to_string(), |c| format!("{:.4}", c.score));
         if let Ok(v) = HeaderValue::from_str(&score) {
-            headers.insert(COMPLIANCE_HEADER, v);
+            headers.insert(score_header, v);
         }
         if let Some(c) = c {
             if let Ok(v) = HeaderValue::from_str(&c.principles.join(",")) {
-                headers.insert(PRINCIPLES_HEADER, v);
+                headers.insert(principles_header, v);
             }
+        }
+    }
+
+    /// Binds the filter to `route`, registering its metric handles.
+    pub fn for_route(self: &Arc<Self>, route: &str) -> RouteAcgeFilter {
+        RouteAcgeFilter {
+            shared: self.clone(),
+            request: [
+                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Request),
+                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Request),
+                PhaseMetrics::new(route, "none", Phase::Request),
+            ],
+            response: [
+                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Response),
+                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Response),
+            ],
         }
     }
 }
 
 #[async_trait]
-impl Filter for AcgeFilter {
+impl Filter for RouteAcgeFilter {
     fn name(&self) -> &'static str {
         "acge"
     }
 
     fn wants_body(&self) -> bool {
-        self.on_request
+        self.shared.on_request
     }
 
     fn wants_response_body(&self) -> bool {
-        self.on_response
+        self.shared.on_response
     }
 
-    async fn on_request(&self, req: &mut RequestCtx) -> Verdict {
-        if !self.on_request {
+    async fn on_request(&self, ex: &mut Exchange) -> Verdict {
+        let f = &*self.shared;
+        if !f.on_request {
             return Verdict::Continue;
         }
         let rendering = features::render_request(
-            &req.method,
-            req.uri.path(),
-            &req.headers,
-            &self.headers,
-            req.body.as_deref(),
+            &ex.request.method,
+            ex.request.uri.path(),
+            &ex.request.headers,
+            &f.headers,
+            ex.request_body.as_deref(),
         );
-        match self.score(&rendering).await {
+        match f.score(&rendering).await {
             Ok(c) => {
-                self.phase_metrics(&req.route, "none", Phase::Request)
-                    .score
-                    .record(c.score);
-                req.attributes.insert(Decisions {
+                // The version is not chosen yet; the score is recorded under `none`.
+                self.request[Version::NONE_INDEX].score.record(c.score);
+                ex.attributes.insert(Decisions {
                     request: Some(Decision::of(&c)),
                 });
-                Self::remember(&mut req.attributes, &c);
-                if self.mode == AcgeMode::Enforce && !c.principles.is_empty() {
+                AcgeFilter::remember(&mut ex.attributes, &c);
+                if f.mode == AcgeMode::Enforce && !c.principles.is_empty() {
                     return Verdict::Respond(json_error(
                         StatusCode::FORBIDDEN,
                         "constitutional_violation",
@@ -439,21 +477,21 @@ impl Filter for AcgeFilter {
                         ),
                     ));
                 }
-                Self::annotate(&mut req.headers, Some(&c));
+                AcgeFilter::annotate(&mut ex.request.headers, Phase::Request, Some(&c));
                 Verdict::Continue
             }
             Err(e) => {
-                req.attributes.insert(Decisions {
+                ex.attributes.insert(Decisions {
                     request: Some(Decision::Error),
                 });
-                match self.on_error {
+                match f.on_error {
                     OnError::Deny => Verdict::Respond(json_error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "acge_unavailable",
                         format!("the request could not be scored ({e}); on_error is deny"),
                     )),
                     OnError::Allow => {
-                        Self::annotate(&mut req.headers, None);
+                        AcgeFilter::annotate(&mut ex.request.headers, Phase::Request, None);
                         Verdict::Continue
                     }
                 }
@@ -461,50 +499,55 @@ impl Filter for AcgeFilter {
         }
     }
 
-    async fn on_response(&self, res: &mut ResponseCtx) -> Verdict {
+    async fn on_response(&self, ex: &mut Exchange) -> Verdict {
+        let f = &*self.shared;
         // Only an upstream's answer is scored; the proxy's own refusals are not.
-        let (true, Some(version)) = (self.on_response, res.version) else {
+        let Some(answer) = ex.response.as_mut() else {
+            return Verdict::Continue;
+        };
+        let (true, Some(version)) = (f.on_response, answer.upstream()) else {
             return Verdict::Continue;
         };
         let rendering = features::render_response(
-            res.status.as_u16(),
-            &res.headers,
-            &self.headers,
-            res.body.as_deref(),
+            answer.status.as_u16(),
+            &answer.headers,
+            &f.headers,
+            answer.body.as_deref(),
         );
-        let metrics = self.phase_metrics(&res.route, version, Phase::Response);
-        match self.score(&rendering).await {
+        let metrics = &self.response[version as usize];
+        match f.score(&rendering).await {
             Ok(c) => {
                 metrics.score.record(c.score);
                 metrics.decisions[Decision::of(&c) as usize].increment(1);
-                Self::remember(&mut res.attributes, &c);
-                res.attributes.insert(crate::ResponseJudgement {
-                    compliant: c.principles.is_empty(),
-                });
-                if self.mode == AcgeMode::Enforce && !c.principles.is_empty() {
+                let compliant = c.principles.is_empty();
+                ex.findings.compliant = Some(compliant);
+                if f.mode == AcgeMode::Enforce && !compliant {
+                    AcgeFilter::remember(&mut ex.attributes, &c);
                     return Verdict::Respond(json_error(
                         StatusCode::BAD_GATEWAY,
                         "constitutional_violation",
                         format!(
-                            "the {version} upstream's response violates: {} (compliance {:.4})",
+                            "the {} upstream's response violates: {} (compliance {:.4})",
+                            version.as_str(),
                             c.principles.join(", "),
                             c.score
                         ),
                     ));
                 }
-                Self::annotate(&mut res.headers, Some(&c));
+                AcgeFilter::annotate(&mut answer.headers, Phase::Response, Some(&c));
+                AcgeFilter::remember(&mut ex.attributes, &c);
                 Verdict::Continue
             }
             Err(e) => {
                 metrics.decisions[Decision::Error as usize].increment(1);
-                match self.on_error {
+                match f.on_error {
                     OnError::Deny => Verdict::Respond(json_error(
                         StatusCode::BAD_GATEWAY,
                         "acge_unavailable",
                         format!("the response could not be scored ({e}); on_error is deny"),
                     )),
                     OnError::Allow => {
-                        Self::annotate(&mut res.headers, None);
+                        AcgeFilter::annotate(&mut answer.headers, Phase::Response, None);
                         Verdict::Continue
                     }
                 }
@@ -512,12 +555,11 @@ impl Filter for AcgeFilter {
         }
     }
 
-    fn on_log(&self, done: &Exchange) {
+    async fn on_log(&self, ex: &Exchange) -> Result<(), LogError> {
         // Request decisions are counted once the version they went to is known.
-        if let Some(d) = done.attributes.get::<Decisions>().and_then(|d| d.request) {
-            self.phase_metrics(&done.route, done.version.unwrap_or("none"), Phase::Request)
-                .decisions[d as usize]
-                .increment(1);
+        if let Some(d) = ex.attributes.get::<Decisions>().and_then(|d| d.request) {
+            self.request[Version::index(ex.version)].decisions[d as usize].increment(1);
         }
+        Ok(())
     }
 }

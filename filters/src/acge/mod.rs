@@ -3,9 +3,8 @@
 //!
 //! The canonical rendering and encoding ([`features`]), the Triton-style dynamic
 //! batcher over any [`batcher::Backend`] ([`batcher`]), the score cache ([`cache`]),
-//! the libtorch engine (`engine`, with the `torch` feature) and the `acge` filter
-//! ([`filter`]). Not built yet (issue 4): the default model and its training, and
-//! `acge-proxy model eval`.
+//! the model metadata ([`meta`]), the libtorch engine (`engine`, with the `torch`
+//! feature) and the `acge` filter ([`filter`]).
 
 pub mod batcher;
 pub mod cache;
@@ -13,6 +12,7 @@ pub mod cache;
 pub mod engine;
 pub mod features;
 pub mod filter;
+pub mod meta;
 
 use serde::{Deserialize, Serialize};
 

@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -127,6 +128,8 @@ pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     mode: CommitMode,
     dir: PathBuf,
+    /// Set by the writer while its writes fail, cleared by the next one that succeeds.
+    failing: Arc<AtomicBool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -141,11 +144,7 @@ impl AuditLog {
     pub fn open(config: &AuditConfig) -> Result<(Arc<AuditLog>, OpenReport), AuditError> {
         let dir = config.dir.clone();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let key_path = config
-            .key_file
-            .clone()
-            .unwrap_or_else(|| dir.join(DEFAULT_KEY_FILE));
-        let key = load_or_create_key(&key_path)?;
+        let key = load_or_create_key(&key_path(config))?;
         let pub_path = dir.join(PUBLIC_KEY_FILE);
         std::fs::write(
             &pub_path,
@@ -191,7 +190,9 @@ impl AuditLog {
         sync_dir(&dir);
 
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let failing = Arc::new(AtomicBool::new(false));
         let writer = Writer {
+            failing: failing.clone(),
             dir: dir.clone(),
             config: config.clone(),
             segment: file,
@@ -213,9 +214,22 @@ impl AuditLog {
                 tx,
                 mode: config.commit,
                 dir,
+                failing,
             }),
             report,
         ))
+    }
+
+    /// Whether records can be written now: the writer runs and its last write did not
+    /// fail.
+    pub fn health(&self) -> Result<(), AuditError> {
+        if self.tx.is_closed() {
+            return Err(AuditError::Stopped);
+        }
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(AuditError::Write("the last write to the log failed".into()));
+        }
+        Ok(())
     }
 
     pub fn mode(&self) -> CommitMode {
@@ -297,19 +311,44 @@ impl AuditLog {
     }
 }
 
+/// The signing key's path for `config`.
+fn key_path(config: &AuditConfig) -> PathBuf {
+    config
+        .key_file
+        .clone()
+        .unwrap_or_else(|| config.dir.join(DEFAULT_KEY_FILE))
+}
+
+/// Reads the signing key when it exists, as opening the log would; creates nothing.
+/// For `acge-proxy check`.
+pub fn check_key(config: &AuditConfig) -> Result<(), AuditError> {
+    let path = key_path(config);
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => read_key(&path).map(|_| ()),
+    }
+}
+
+fn read_key(path: &Path) -> Result<SigningKey, AuditError> {
+    let key_err = |reason: String| AuditError::Key {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| key_err(format!("not hex: {e}")))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| key_err("expected a 32-byte ed25519 seed".into()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
 fn load_or_create_key(path: &Path) -> Result<SigningKey, AuditError> {
     let key_err = |reason: String| AuditError::Key {
         path: path.display().to_string(),
         reason,
     };
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let bytes = hex::decode(text.trim()).map_err(|e| key_err(format!("not hex: {e}")))?;
-            let seed: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| key_err("expected a 32-byte ed25519 seed".into()))?;
-            Ok(SigningKey::from_bytes(&seed))
-        }
+    match std::fs::metadata(path) {
+        Ok(_) => read_key(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| key_err(format!("no randomness: {e}")))?;
@@ -414,6 +453,7 @@ fn sync_dir(dir: &Path) {
 }
 
 struct Writer {
+    failing: Arc<AtomicBool>,
     dir: PathBuf,
     config: AuditConfig,
     segment: File,
@@ -492,6 +532,7 @@ impl Writer {
                 Ok(()) => metrics::counter!(AUDIT_RECORDS_TOTAL).increment(waiters.len() as u64),
                 Err(_) => self.frontier = frontier_before,
             }
+            self.failing.store(result.is_err(), Ordering::Relaxed);
             metrics::gauge!(AUDIT_QUEUE_DEPTH).set((self.capacity - rx.capacity()) as f64);
             for (seq, enqueued, done) in waiters {
                 metrics::histogram!(AUDIT_COMMIT_SECONDS).record(enqueued.elapsed().as_secs_f64());

@@ -5,9 +5,13 @@
 //! `checkpoint_interval_ms` a checkpoint (tree size, root, time) is signed with ed25519.
 //! `acge-proxy audit verify` recomputes it all. Format and guarantees: docs/audit.md.
 //!
-//! The filter writes the record in the response phase, so that in `sync` mode the
-//! client gets its answer only once the record is on disk; exchanges that never reach
-//! a response (the client went away) are written from the log phase.
+//! The filter writes the record in the log phase, once the exchange is over, so that
+//! the record holds the status and latency of the whole answer (a body the upstream
+//! cut is an `error`, a client that went away `aborted`). In `sync` mode the end of the
+//! response waits for the record's fsync, so a client that got a complete answer has
+//! its record on disk; if it cannot be written, the answer is cut instead of completed.
+//! A log whose writer is failing or stopped is refused up front (503
+//! `audit_unavailable`) in the response phase.
 
 pub mod log;
 pub mod merkle;
@@ -23,10 +27,7 @@ pub use log::{AuditConfig, AuditError, AuditLog, CommitMode, OpenReport};
 pub use segment::{AuditRecord, Checkpoint};
 
 use crate::hash::HashChecks;
-use crate::{json_error, Compliance, Exchange, Filter, ResponseCtx, Verdict};
-
-/// Marks an exchange whose record the response phase already wrote.
-struct Audited;
+use crate::{json_error, Compliance, End, Ending, Exchange, Filter, LogError, Verdict};
 
 pub struct AuditFilter {
     log: Arc<AuditLog>,
@@ -38,45 +39,43 @@ impl AuditFilter {
     }
 }
 
-fn decision(status: u16, upstream: bool, completed: bool) -> &'static str {
-    match (completed, status) {
-        (false, _) => "aborted",
+/// `allowed`, `denied`, `error`, `aborted` or `shadow`.
+fn decision(ex: &Exchange, end: &End) -> &'static str {
+    if ex.shadow {
+        return "shadow";
+    }
+    let upstream = ex.answered_by().is_some();
+    match (end.ending, end.status.as_u16()) {
+        (Ending::ClientGone, _) => "aborted",
         (_, 500..) => "error",
         (_, 400..) if !upstream => "denied",
         _ => "allowed",
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn record(
-    request_id: &str,
-    route: &str,
-    version: Option<&str>,
-    method: &http::Method,
-    path: &str,
-    status: u16,
-    elapsed: std::time::Duration,
-    attributes: &crate::Attributes,
-    decision: &str,
-) -> AuditRecord {
-    let hash = attributes.get::<HashChecks>().copied().unwrap_or_default();
-    let compliance = attributes.get::<Compliance>();
-    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+fn record(ex: &Exchange, end: &End) -> AuditRecord {
+    let hash = ex
+        .attributes
+        .get::<HashChecks>()
+        .copied()
+        .unwrap_or_default();
+    let compliance = ex.attributes.get::<Compliance>();
+    let latency_ms = end.latency.as_secs_f64() * 1000.0;
     AuditRecord {
         seq: 0,
-        request_id: request_id.to_string(),
-        time_ms: log::now_ms().saturating_sub(elapsed.as_millis() as u64),
-        route: route.to_string(),
-        version: version.map(str::to_string),
-        method: method.as_str().to_string(),
-        path: path.to_string(),
-        status,
+        request_id: ex.request_id.to_string(),
+        time_ms: log::now_ms().saturating_sub(end.latency.as_millis() as u64),
+        route: ex.route.to_string(),
+        version: ex.version.map(|v| v.as_str().to_string()),
+        method: ex.request.method.as_str().to_string(),
+        path: ex.path().to_string(),
+        status: end.status.as_u16(),
         hash_request: hash.request.map(|r| r.as_str().to_string()),
         hash_response: hash.response.map(|r| r.as_str().to_string()),
         compliance: compliance.map(|c| c.score),
         principles: compliance.map(|c| c.principles.clone()).unwrap_or_default(),
-        decision: decision.to_string(),
-        latency_ms: (elapsed_ms * 1000.0).round() / 1000.0,
+        decision: decision(ex, end).to_string(),
+        latency_ms: (latency_ms * 1000.0).round() / 1000.0,
         event: None,
     }
 }
@@ -87,28 +86,11 @@ impl Filter for AuditFilter {
         "audit"
     }
 
-    async fn on_response(&self, res: &mut ResponseCtx) -> Verdict {
-        let status = res.status.as_u16();
-        let decision = if res.attributes.get::<crate::ShadowExchange>().is_some() {
-            "shadow"
-        } else {
-            decision(status, res.version.is_some(), true)
-        };
-        let rec = record(
-            &res.request_id,
-            &res.route,
-            res.version,
-            &res.method,
-            &res.path,
-            status,
-            res.elapsed,
-            &res.attributes,
-            decision,
-        );
-        res.attributes.insert(Audited);
-        match self.log.append(rec).await {
-            Ok(_) => Verdict::Continue,
-            // Answering without the record would break the promise of `sync`: fail closed.
+    async fn on_response(&self, _ex: &mut Exchange) -> Verdict {
+        match self.log.health() {
+            Ok(()) => Verdict::Continue,
+            // Answering while records cannot be written would break the promise of the
+            // log: fail closed.
             Err(e) => Verdict::Respond(json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit_unavailable",
@@ -117,36 +99,63 @@ impl Filter for AuditFilter {
         }
     }
 
-    fn on_log(&self, done: &Exchange) {
-        if done.attributes.get::<Audited>().is_some() {
-            return;
-        }
-        let status = done.status.as_u16();
-        let rec = record(
-            &done.request_id,
-            &done.route,
-            done.version,
-            &done.method,
-            &done.path,
-            status,
-            done.latency,
-            &done.attributes,
-            decision(status, done.version.is_some(), done.completed),
-        );
-        self.log.append_detached(rec);
+    async fn on_log(&self, ex: &Exchange) -> Result<(), LogError> {
+        let Some(end) = &ex.end else { return Ok(()) };
+        self.log
+            .append(record(ex, end))
+            .await
+            .map(|_| ())
+            .map_err(|e| LogError::new("audit", e))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Answer, RequestHead, Source, Version};
+    use std::time::Duration;
+
+    fn ended(source: Source, status: u16, ending: Ending, shadow: bool) -> (Exchange, End) {
+        let mut ex = Exchange::new(
+            "r".into(),
+            "id".into(),
+            std::time::Instant::now(),
+            RequestHead {
+                method: http::Method::GET,
+                uri: http::Uri::from_static("/x"),
+                headers: http::HeaderMap::new(),
+            },
+        );
+        ex.shadow = shadow;
+        ex.response = Some(Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: http::HeaderMap::new(),
+            body: None,
+            source,
+        });
+        let end = End {
+            status: StatusCode::from_u16(status).unwrap(),
+            ending,
+            latency: Duration::from_millis(3),
+        };
+        (ex, end)
+    }
 
     #[test]
     fn decisions() {
-        assert_eq!(decision(200, true, true), "allowed");
-        assert_eq!(decision(404, true, true), "allowed");
-        assert_eq!(decision(403, false, true), "denied");
-        assert_eq!(decision(502, false, true), "error");
-        assert_eq!(decision(200, true, false), "aborted");
+        let up = Source::Upstream(Version::Blue);
+        let cases = [
+            (up, 200, Ending::Complete, false, "allowed"),
+            (up, 404, Ending::Complete, false, "allowed"),
+            (Source::Local, 403, Ending::Complete, false, "denied"),
+            (Source::Local, 502, Ending::Complete, false, "error"),
+            (up, 502, Ending::UpstreamCut, false, "error"),
+            (up, 499, Ending::ClientGone, false, "aborted"),
+            (up, 200, Ending::Complete, true, "shadow"),
+        ];
+        for (source, status, ending, shadow, want) in cases {
+            let (ex, end) = ended(source, status, ending, shadow);
+            assert_eq!(decision(&ex, &end), want, "{source:?} {status} {ending:?}");
+        }
     }
 }

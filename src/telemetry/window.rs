@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::split::Version;
+use acge_filters::{Exchange, Version};
 
 /// What one finished exchange says about the version that answered it.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
+    /// As logged: a body the upstream cut counts as 502.
     pub status: u16,
-    /// Until the response head.
+    /// Until the end of the answer's body.
     pub latency: Duration,
     /// Whether the acge filter judged the response compliant; None when it did not
     /// score it.
@@ -29,6 +30,18 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// What an ended exchange says: its logged status and latency, and what the
+    /// response phases found. None before the exchange has ended.
+    pub fn of(ex: &Exchange) -> Option<Self> {
+        let end = ex.end.as_ref()?;
+        Some(Self {
+            status: end.status.as_u16(),
+            latency: end.latency,
+            compliant: ex.findings.compliant,
+            hash_ok: ex.findings.hash_consistent,
+        })
+    }
+
     /// 5xx answers, the proxy's own for a failed upstream included, are errors;
     /// 499 (the client went away) is not the version's fault.
     fn is_error(&self) -> bool {

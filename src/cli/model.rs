@@ -1,18 +1,136 @@
-//! `acge-proxy model eval`: runs a labelled set through the same path the proxy uses
-//! (canonical rendering, batcher, engine, threshold) and reports how the model did.
+//! `acge-proxy model eval|bench`. `eval` runs a labelled set through the same path the
+//! proxy uses (canonical rendering, batcher, engine, threshold) and reports how the
+//! model did; `bench` times the engine alone at each batch size.
 //!
 //! The set is JSON lines as `../shared/eval/README.md` describes: `service`, `method`,
 //! `path`, optional `headers`, `body`, `label` (`comply` | `violate`) and, for
 //! violations, `principle`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use acge_filters::acge::filter::{AcgeConfig, AcgeFilter};
+use anyhow::Context;
+use clap::Subcommand;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Run a labelled JSONL set through the proxy's inference path and report accuracy,
+    /// false denies, recall per principle, the confusion matrix and items/s.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Override the model's threshold.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// The constitution hash the model must have been trained for.
+        #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
+        constitution_hash: String,
+    },
+    /// Time the model alone at each batch size (µs per item, items/s).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(
+        long,
+        default_value = "1,2,4,8,16,32,64,128,256",
+        value_delimiter = ','
+    )]
+    batches: Vec<usize>,
+    /// Input length in bytes (cut to the model's max_len).
+    #[arg(long, default_value_t = 320)]
+    len: usize,
+    /// Least time per batch size, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    min_ms: u64,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
+    constitution_hash: String,
+}
+
+/// Runs a `model` subcommand.
+pub fn run(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Bench(args) => model_bench(&args),
+        ModelCommand::Eval {
+            model,
+            data,
+            json,
+            threshold,
+            constitution_hash,
+        } => super::block_on(None, async move {
+            let r = evaluate(&model, &data, &constitution_hash, threshold).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }),
+    }
+}
+
+fn model_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    #[cfg(feature = "torch")]
+    {
+        let device: acge_filters::acge::DeviceChoice =
+            serde_json::from_value(serde_json::Value::String(args.device.clone())).map_err(
+                |_| anyhow::anyhow!("--device must be auto, cpu or cuda, not `{}`", args.device),
+            )?;
+        let (name, rows) = sweep(
+            &args.model,
+            &args.constitution_hash,
+            device,
+            args.threads,
+            &args.batches,
+            args.len,
+            std::time::Duration::from_millis(args.min_ms),
+        )?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "device": name, "len": args.len, "rows": rows })
+            );
+        } else {
+            println!("device {name}, inputs of {} bytes", args.len);
+            println!("| batch | µs per item | items/s |");
+            println!("| ---: | ---: | ---: |");
+            for r in rows {
+                println!(
+                    "| {} | {:.1} | {:.0} |",
+                    r.batch, r.micros_per_item, r.items_per_second
+                );
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "torch"))]
+    {
+        let _ = args;
+        anyhow::bail!("this build has no libtorch: rebuild with the `torch` feature (the default)")
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,26 +209,26 @@ impl std::fmt::Display for Report {
 }
 
 /// Evaluates `data` with the model in `model`.
-pub async fn evaluate(
+async fn evaluate(
     model: &Path,
     data: &Path,
     constitution_hash: &str,
     threshold: Option<f64>,
-) -> Result<Report, String> {
-    let text = std::fs::read_to_string(data).map_err(|e| format!("{}: {e}", data.display()))?;
+) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(data).with_context(|| data.display().to_string())?;
     let mut cases = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let case: Case = serde_json::from_str(line)
-            .map_err(|e| format!("{} line {}: {e}", data.display(), n + 1))?;
+            .with_context(|| format!("{} line {}", data.display(), n + 1))?;
         if case.label == Label::Violate && case.principle.is_none() {
-            return Err(format!(
+            anyhow::bail!(
                 "{} line {}: a `violate` case needs its `principle`",
                 data.display(),
                 n + 1
-            ));
+            );
         }
         cases.push(case);
     }
@@ -122,15 +240,14 @@ pub async fn evaluate(
         "queue": cases.len().max(1),
         "timeout_ms": 60_000,
         "cache_entries": 1,
-    }))
-    .map_err(|e| e.to_string())?;
-    let filter = Arc::new(AcgeFilter::load(&config, constitution_hash).map_err(|e| e.to_string())?);
+    }))?;
+    let filter = Arc::new(AcgeFilter::load(&config, constitution_hash)?);
 
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(cases.len());
     for case in &cases {
         let method = Method::from_bytes(case.method.as_bytes())
-            .map_err(|e| format!("method {}: {e}", case.method))?;
+            .with_context(|| format!("method {}", case.method))?;
         let mut headers = HeaderMap::new();
         for (k, v) in &case.headers {
             if let (Ok(k), Ok(v)) = (
@@ -150,11 +267,7 @@ pub async fn evaluate(
     }
     let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
-        results.push(
-            t.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?,
-        );
+        results.push(t.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
 
@@ -222,15 +335,16 @@ pub struct SweepRow {
 
 /// Times the engine alone at each batch size: inputs of `len` bytes, a warm-up, then
 /// batches until at least `min_time` has passed. For `acge-proxy model bench`.
-#[cfg(feature = "torch")]
 /// What `sweep` feeds the model: a canonical rendering of a typical request.
+#[cfg(feature = "torch")]
 const SWEEP_TEXT: &str = "POST /api/v1/integrity/acge/audit\ncontent-type: application/json\n\n\
 {\"entry\":{\"action\":\"firewall_rule_changed\",\"actor\":\"netadmin.li\",\"rule\":4471,\
 \"ticket\":\"CHG-1204\"},\"operation\":\"append\",\"reason\":\"quarterly review of the \
 edge firewall found two stale rules; removed after approval by the network lead\",\
 \"requested_at\":\"2026-11-30T08:15:00Z\",\"tenant\":\"northwind\"}";
 
-pub fn sweep(
+#[cfg(feature = "torch")]
+fn sweep(
     model: &Path,
     constitution_hash: &str,
     device: acge_filters::acge::DeviceChoice,
@@ -238,12 +352,11 @@ pub fn sweep(
     batches: &[usize],
     len: usize,
     min_time: std::time::Duration,
-) -> Result<(String, Vec<SweepRow>), String> {
+) -> anyhow::Result<(String, Vec<SweepRow>)> {
     use acge_filters::acge::batcher::Backend;
     use acge_filters::acge::engine::TorchEngine;
 
-    let (mut engine, meta) =
-        TorchEngine::load(model, constitution_hash, device, threads).map_err(|e| e.to_string())?;
+    let (mut engine, meta) = TorchEngine::load(model, constitution_hash, device, threads)?;
     let device_name = format!("{:?}", engine.device());
     let len = len.clamp(1, meta.max_len);
     // A request as the proxy renders one (words, JSON punctuation, numbers), repeated

@@ -1,154 +1,24 @@
-//! The migration controller: walks each route from blue to green through the
-//! configured steps, judging green by its recent figures, and backs out on its own.
-//!
-//! Every `TICK`, for each route it runs:
-//! - **rollback**, continuously: over the last `rollback_window_s`, once green has at
-//!   least `rollback_min_requests` there, any gate breached (compliance below, p95
-//!   above, error rate above, hash consistency below its threshold) sets green to 0 at
-//!   once, and the route stays rolled back until an operator resumes it;
-//! - **progress**: once a step has lasted `interval_s`, and the last interval holds at
-//!   least `min_requests` green requests and every gate passes, the next step. Too few
-//!   requests hold the step (the state says so).
-//!
-//! Step 0 (a weight of 0) is the shadow step: requests are mirrored to green
-//! (`proxy/shadow.rs`) and green's shadow answers are what its gates read. Progress is
-//! kept in `state_file` (write to a temporary file, fsync, rename), so a restarted proxy
-//! resumes where it was. Each step, rollback and operator action goes to the audit log
-//! when one is configured.
+//! The controller: one loop over every route it walks, the operator's actions, and
+//! the status the admin API serves.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use acge_filters::audit::log::now_ms;
 use acge_filters::audit::{AuditLog, AuditRecord};
+use acge_filters::Version;
 use metrics::{counter, gauge, Gauge};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::{MigrationConfig, RollbackThresholds};
-use crate::metrics::window::Figures;
-use crate::metrics::{MIGRATION_ROLLBACKS_TOTAL, MIGRATION_STEP};
-use crate::split::{Route, RouteTable, Version};
-
-/// How often the controller looks at the windows.
-pub const TICK: Duration = Duration::from_millis(100);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    Running,
-    Paused,
-    Complete,
-    RolledBack,
-}
-
-/// What an operator asks of a route's controller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Pause,
-    Resume,
-    Promote,
-    Rollback,
-}
-
-impl Action {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pause" => Self::Pause,
-            "resume" => Self::Resume,
-            "promote" => Self::Promote,
-            "rollback" => Self::Rollback,
-            _ => return None,
-        })
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::Promote => "promote",
-            Self::Rollback => "rollback",
-        }
-    }
-}
-
-/// Why an operator action was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ActionError {
-    #[error("no route named `{0}` is under migration")]
-    UnknownRoute(String),
-    #[error("{0}")]
-    NotNow(String),
-}
-
-/// A gate's verdict over a window.
-#[derive(Debug, Clone, Serialize)]
-pub struct Gate {
-    pub name: &'static str,
-    /// None: not applicable (nothing measures it on this route) or nothing measured.
-    pub value: Option<f64>,
-    pub threshold: f64,
-    /// `above` or `below`: the side of the threshold that breaches.
-    pub breach_when: &'static str,
-    pub passed: bool,
-}
-
-fn gates(f: &Figures, t: &RollbackThresholds) -> Vec<Gate> {
-    let gate = |name, value: Option<f64>, threshold, above: bool| Gate {
-        name,
-        value,
-        threshold,
-        breach_when: if above { "above" } else { "below" },
-        passed: value.is_none_or(|v| {
-            if above {
-                v <= threshold
-            } else {
-                v >= threshold
-            }
-        }),
-    };
-    vec![
-        gate("compliance", f.compliance, t.compliance_below, false),
-        gate("p95_ms", f.p95_ms, t.p95_above_ms, true),
-        gate("error_rate", f.error_rate, t.error_rate_above, true),
-        gate(
-            "hash_consistency",
-            f.hash_consistency,
-            t.hash_consistency_below,
-            false,
-        ),
-    ]
-}
-
-/// A rollback, as kept in the state and told to operators.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Rollback {
-    pub at_ms: u64,
-    /// The gate that breached, or `operator`.
-    pub reason: String,
-    pub step: usize,
-    pub weight: u8,
-    #[serde(default)]
-    pub figures: serde_json::Value,
-}
-
-/// One route's progress: what the state file keeps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Saved {
-    step: usize,
-    state: State,
-    since_ms: u64,
-    #[serde(default)]
-    last_rollback: Option<Rollback>,
-    #[serde(default)]
-    note: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StateFile {
-    routes: std::collections::BTreeMap<String, Saved>,
-}
+use super::gates;
+use super::shadow::Shadow;
+use super::state::{self, MigrationError, Saved, StateFile, StateWriter};
+use super::{state_str, Action, ActionError, Rollback, State, TICK};
+use crate::config::MigrationConfig;
+use crate::proxy::route::{Route, RouteTable};
+use crate::telemetry::window::Windows;
+use crate::telemetry::{MIGRATION_ROLLBACKS_TOTAL, MIGRATION_STEP};
 
 struct Progress {
     saved: Saved,
@@ -158,14 +28,15 @@ struct Progress {
     holding: Option<String>,
 }
 
-pub struct RouteMigration {
-    pub route: Arc<Route>,
+struct RouteMigration {
+    route: Arc<Route>,
+    shadow: Arc<Shadow>,
     progress: Mutex<Progress>,
     step_gauge: Gauge,
 }
 
 impl RouteMigration {
-    fn windows(&self) -> &crate::metrics::window::Windows {
+    fn windows(&self) -> &Windows {
         self.route
             .windows
             .as_ref()
@@ -177,27 +48,21 @@ pub struct Controller {
     routes: Vec<RouteMigration>,
     config: MigrationConfig,
     audit: Option<Arc<AuditLog>>,
-    /// Serialises state-file writes.
-    save: Mutex<()>,
-}
-
-/// Why the controller could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    #[error("migration.state_file {path}: {reason}")]
-    State { path: PathBuf, reason: String },
+    writer: Option<StateWriter>,
 }
 
 impl Controller {
     /// Sets up the controller for the routes `config` covers, resuming from the state
     /// file when there is one, and sets their weights accordingly.
+    /// `shadows` are the mirrors the route table was built with, by route name.
     pub fn new(
         config: &MigrationConfig,
         routes: &RouteTable,
+        shadows: &HashMap<String, Arc<Shadow>>,
         audit: Option<Arc<AuditLog>>,
     ) -> Result<Self, MigrationError> {
         let saved = match &config.state_file {
-            Some(path) => load(path)?,
+            Some(path) => state::load(path)?,
             None => None,
         };
         let last = config.steps.len().saturating_sub(1);
@@ -222,6 +87,10 @@ impl Controller {
                 tracing::info!(route = %route.name, step = s.step, state = ?s.state, "migration controller resumes");
                 RouteMigration {
                     route: route.clone(),
+                    shadow: shadows
+                        .get(&*route.name)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Shadow::new(&route.name, &config.shadow))),
                     progress: Mutex::new(Progress {
                         saved: s,
                         since: Instant::now(),
@@ -231,11 +100,15 @@ impl Controller {
                 }
             })
             .collect();
+        let writer = match &config.state_file {
+            Some(path) => Some(StateWriter::spawn(path.clone())?),
+            None => None,
+        };
         let controller = Self {
             routes,
             config: config.clone(),
             audit,
-            save: Mutex::new(()),
+            writer,
         };
         for r in &controller.routes {
             let p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -278,8 +151,7 @@ impl Controller {
             _ => self.config.steps[s.step],
         };
         r.route.set_green_weight(weight);
-        r.route
-            .shadow
+        r.shadow
             .set_active(s.state == State::Running && weight == 0);
         r.step_gauge.set(s.step as f64);
     }
@@ -306,10 +178,7 @@ impl Controller {
             Some(p.since),
         );
         if recent.requests >= self.config.rollback_min_requests {
-            if let Some(breach) = gates(&recent, &self.config.rollback)
-                .into_iter()
-                .find(|g| !g.passed)
-            {
+            if let Some(breach) = gates::first_breach(&recent, &self.config.rollback) {
                 let figures = json!({"green": recent, "gate": breach});
                 self.roll_back(r, &mut p, breach.name, figures);
                 return true;
@@ -327,10 +196,7 @@ impl Controller {
             ));
             return false;
         }
-        if let Some(failed) = gates(&window, &self.config.rollback)
-            .into_iter()
-            .find(|g| !g.passed)
-        {
+        if let Some(failed) = gates::first_breach(&window, &self.config.rollback) {
             // Short of a breach (too few requests for the rollback window), a failing
             // gate only holds the step.
             p.holding = Some(format!("gate {} does not pass", failed.name));
@@ -462,7 +328,7 @@ impl Controller {
         if matches!(p.saved.state, State::Running | State::Complete) {
             p.saved.state = State::Paused;
         }
-        r.route.shadow.set_active(false);
+        r.shadow.set_active(false);
         p.saved.note = Some(note.clone());
         drop(p);
         self.audit(r, "manual_weight", json!({"weight": weight}));
@@ -495,11 +361,11 @@ impl Controller {
             "state": p.saved.state,
             "step": p.saved.step,
             "weight": r.route.splitter.green_weight(),
-            "shadow": r.route.shadow.is_active(),
+            "shadow": r.shadow.is_active(),
             "time_in_step_s": (p.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             "holding": p.holding,
             "note": p.saved.note,
-            "gates": gates(&green, &self.config.rollback),
+            "gates": gates::judge(&green, &self.config.rollback),
             "green": green,
             "blue": blue,
             "last_rollback": p.saved.last_rollback,
@@ -532,11 +398,11 @@ impl Controller {
         log.append_detached(record);
     }
 
+    /// Hands the state to the writer thread; returns at once.
     fn persist(&self) {
-        let Some(path) = &self.config.state_file else {
+        let Some(writer) = &self.writer else {
             return;
         };
-        let _guard = self.save.lock().unwrap_or_else(|e| e.into_inner());
         let routes = self
             .routes
             .iter()
@@ -545,114 +411,13 @@ impl Controller {
                 (r.route.name.to_string(), p.saved.clone())
             })
             .collect();
-        if let Err(e) = save(path, &StateFile { routes }) {
-            tracing::error!(path = %path.display(), error = %e, "cannot save the migration state");
+        writer.save(StateFile { routes });
+    }
+
+    /// Waits until the state file holds the latest state (at shutdown).
+    pub async fn flush(&self) {
+        if let Some(writer) = &self.writer {
+            writer.flush().await;
         }
     }
-}
-
-fn state_str(s: State) -> &'static str {
-    match s {
-        State::Running => "running",
-        State::Paused => "paused",
-        State::Complete => "complete",
-        State::RolledBack => "rolled back",
-    }
-}
-
-fn load(path: &Path) -> Result<Option<StateFile>, MigrationError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| MigrationError::State {
-                path: path.to_path_buf(),
-                reason: format!("not a migration state ({e}); move it away to start afresh"),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(MigrationError::State {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
-    }
-}
-
-/// Write to a temporary file beside it, fsync, rename over, fsync the directory: the
-/// file is the old state or the new one, never a mix.
-fn save(path: &Path, state: &StateFile) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// `GET /migration`'s answer as a table for people (`acge-proxy migration status`).
-pub fn render_status(status: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let fmt_gate = |g: &serde_json::Value| {
-        let name = g["name"].as_str().unwrap_or("?");
-        let mark = if g["passed"].as_bool() == Some(true) {
-            "ok"
-        } else {
-            "BREACH"
-        };
-        let limit = if g["breach_when"] == "above" {
-            "≤"
-        } else {
-            "≥"
-        };
-        match g["value"].as_f64() {
-            Some(v) => format!("{name} {v:.3} ({limit} {}) {mark}", g["threshold"]),
-            None => format!("{name} n/a"),
-        }
-    };
-    let mut out = String::new();
-    let steps = status["steps"].to_string();
-    let _ = writeln!(
-        out,
-        "steps {steps}, interval {} s, min {} green requests\n",
-        status["interval_s"], status["min_requests"]
-    );
-    if let Some(routes) = status["routes"].as_object() {
-        for (name, r) in routes {
-            let _ = writeln!(
-                out,
-                "{name:<10} {:<12} step {} (green {:>3}%{}), {} s in step, green {} / blue {} requests",
-                r["state"].as_str().unwrap_or("?"),
-                r["step"],
-                r["weight"],
-                if r["shadow"].as_bool() == Some(true) { ", shadow" } else { "" },
-                r["time_in_step_s"],
-                r["green"]["requests"],
-                r["blue"]["requests"],
-            );
-            let gates: Vec<String> = r["gates"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(fmt_gate)
-                .collect();
-            let _ = writeln!(out, "           {}", gates.join(" · "));
-            for key in ["holding", "note"] {
-                if let Some(text) = r[key].as_str() {
-                    let _ = writeln!(out, "           {key}: {text}");
-                }
-            }
-            if let Some(rb) = r["last_rollback"].as_object() {
-                let _ = writeln!(
-                    out,
-                    "           last rollback: {} at step {} (green {}%)",
-                    rb["reason"], rb["step"], rb["weight"]
-                );
-            }
-        }
-    }
-    out
 }

@@ -1,9 +1,11 @@
-//! Every metric name of acge-proxy, the Prometheus recorder, and the per-route handles
-//! the request path records into.
+//! Every metric name of acge-proxy, the Prometheus recorder, the per-route handles the
+//! request path records into, and the sliding windows the migration controller reads
+//! ([`window`]).
 //!
-//! Handles are registered once per route and version when the proxy starts, so a request
-//! records with a few atomic operations and never looks a label set up in a map. This
-//! module does not serve `/metrics`; `admin.rs` renders the handle installed here.
+//! Handles are registered once per route and version when the route table is built, so
+//! a request records with a few atomic operations and never looks a label set up in a
+//! map. This module does not serve `/metrics`; the admin API renders the handle
+//! installed here.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use acge_filters::metrics as filter_metrics;
 
-use crate::split::Version;
+use acge_filters::Version;
 
 pub mod window;
 
@@ -25,6 +27,7 @@ pub const MIGRATION_STEP: &str = "acge_migration_step";
 pub const MIGRATION_ROLLBACKS_TOTAL: &str = "acge_migration_rollbacks_total";
 pub const SHADOW_REQUESTS_TOTAL: &str = "acge_shadow_requests_total";
 pub const SHADOW_MISMATCH_TOTAL: &str = "acge_shadow_mismatch_total";
+pub const REFUSED_TOTAL: &str = "acge_refused_total";
 pub use acge_filters::metrics::{
     AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, COMPLIANCE_SCORE,
     DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,
@@ -104,9 +107,9 @@ impl RouteMetrics {
         }
     }
 
-    /// One finished request: its status and the time until its response head.
+    /// One finished exchange: its logged status and the time until its body ended.
     pub fn record(&self, version: Option<Version>, status: u16, elapsed: Duration) {
-        let v = &self.versions[version.map_or(2, |v| v as usize)];
+        let v = &self.versions[Version::index(version)];
         let class = (status / 100).clamp(1, 5) as usize - 1;
         v.requests[class].increment(1);
         v.duration.record(elapsed.as_secs_f64());
@@ -126,6 +129,66 @@ impl RouteMetrics {
 /// Requests that matched no route (404) or were refused before a route was chosen.
 pub fn unrouted(status: u16) {
     counter!(REQUESTS_TOTAL, "route" => "", "version" => "none", "code_class" => CODE_CLASSES[(status / 100).clamp(1, 5) as usize - 1])
+        .increment(1);
+}
+
+/// Why the proxy refused work before (or instead of) doing it: `acge_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A connection beyond `listener.max_connections` with none idle to close.
+    Connections = 0,
+    /// An idle connection closed to make room for a new one.
+    ShedIdle,
+    /// A request beyond `listener.max_requests_in_flight`.
+    Requests,
+    /// A body that would overrun `listener.max_buffered_bytes`.
+    BufferBudget,
+    /// A connection that sent nothing within `first_byte_timeout_ms`.
+    FirstByteTimeout,
+    /// A connection idle beyond `idle_timeout_ms`.
+    IdleTimeout,
+    /// A body that did not arrive within `body_read_timeout_ms` (408).
+    BodyTimeout,
+    /// Accepting failed for want of file descriptors (the connection was shed).
+    FileDescriptors,
+    /// A request that waited `max_pending_ms` for an upstream connection.
+    UpstreamPending,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 9] = [
+        Refusal::Connections,
+        Refusal::ShedIdle,
+        Refusal::Requests,
+        Refusal::BufferBudget,
+        Refusal::FirstByteTimeout,
+        Refusal::IdleTimeout,
+        Refusal::BodyTimeout,
+        Refusal::FileDescriptors,
+        Refusal::UpstreamPending,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Connections => "connections",
+            Refusal::ShedIdle => "shed_idle",
+            Refusal::Requests => "requests",
+            Refusal::BufferBudget => "buffer_budget",
+            Refusal::FirstByteTimeout => "first_byte_timeout",
+            Refusal::IdleTimeout => "idle_timeout",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::FileDescriptors => "file_descriptors",
+            Refusal::UpstreamPending => "upstream_pending",
+        }
+    }
+}
+
+/// Counts one refusal (the handles are registered once, on first use after
+/// [`install`]).
+pub fn refused(why: Refusal) {
+    static HANDLES: OnceLock<[Counter; 9]> = OnceLock::new();
+    HANDLES.get_or_init(|| Refusal::ALL.map(|r| counter!(REFUSED_TOTAL, "reason" => r.as_str())))
+        [why as usize]
         .increment(1);
 }
 

@@ -1,5 +1,4 @@
-//! Weighted blue/green choice: which route a request belongs to, and which version
-//! serves it.
+//! Weighted blue/green choice: which version serves a request on its route.
 //!
 //! A client with a sticky key hashes to a fixed point in [0, 1); it goes green while
 //! that point is below the green weight. Raising the weight therefore only moves
@@ -8,36 +7,17 @@
 //! Requests without a sticky key take the next point of a Weyl sequence (multiples of
 //! the golden ratio, modulo 1). Those points spread evenly, so any run of N requests
 //! sees the configured share to within a few requests, with no random-number generator
-//! on the request path. This module owns the weights; it does not forward anything.
+//! on the request path. This module owns the weights; it does not route (`route.rs`)
+//! or forward anything (`upstream/`), and it reads no filter's results.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, COOKIE};
 
-use crate::config::{MigrationConfig, RouteConfig};
-use crate::metrics::window::{Outcome, Windows};
-use crate::metrics::RouteMetrics;
-use crate::proxy::shadow::Shadow;
-use crate::upstream::Cluster;
+pub use acge_filters::Version;
 
 /// The header a client may use to pick a version, where the route allows it.
 pub const OVERRIDE_HEADER: &str = "x-acge-version";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Version {
-    Blue = 0,
-    Green = 1,
-}
-
-impl Version {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Version::Blue => "blue",
-            Version::Green => "green",
-        }
-    }
-}
 
 /// Why a version was chosen, for the audit log and debugging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,142 +137,6 @@ fn sticky_value<'a>(key: &StickyKey, headers: &'a HeaderMap) -> Option<&'a [u8]>
                 let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
                 (k == name.as_bytes() && v.len() > 1).then(|| &v[1..])
             }),
-    }
-}
-
-/// One route: what it matches, where its versions live, how it splits.
-pub struct Route {
-    pub name: Arc<str>,
-    pub path_prefix: String,
-    pub blue: Arc<Cluster>,
-    pub green: Arc<Cluster>,
-    pub splitter: Splitter,
-    pub metrics: RouteMetrics,
-    /// The route's filters, in order; empty for a plain proxy route.
-    pub chain: acge_filters::Chain,
-    /// Largest body a filter may have buffered, request or response.
-    pub max_body_bytes: u64,
-    /// Recent figures per version, for the migration controller; None on a route it
-    /// does not walk, which then records nothing per request.
-    pub windows: Option<Windows>,
-    /// Mirroring to green at the migration's shadow step.
-    pub shadow: Shadow,
-}
-
-impl Route {
-    pub fn cluster(&self, version: Version) -> &Arc<Cluster> {
-        match version {
-            Version::Blue => &self.blue,
-            Version::Green => &self.green,
-        }
-    }
-
-    pub fn set_green_weight(&self, weight: u8) {
-        self.splitter.set_green_weight(weight);
-        self.metrics.set_green_weight(weight);
-    }
-
-    /// One finished exchange, into the metrics and, when a version answered (or
-    /// failed to), into that version's windows; `attributes` are what the response
-    /// phases left (the acge judgement, the hash checks).
-    pub fn observe(
-        &self,
-        version: Option<Version>,
-        status: u16,
-        elapsed: std::time::Duration,
-        attributes: Option<&acge_filters::Attributes>,
-    ) {
-        self.metrics.record(version, status, elapsed);
-        if let (Some(version), Some(windows)) = (version, &self.windows) {
-            let judged = attributes.and_then(|a| a.get::<acge_filters::ResponseJudgement>());
-            let hash = attributes
-                .and_then(|a| a.get::<acge_filters::hash::HashChecks>())
-                .and_then(|c| c.response);
-            windows.record(
-                version,
-                &Outcome {
-                    status,
-                    latency: elapsed,
-                    compliant: judged.map(|j| j.compliant),
-                    hash_ok: hash.map(|h| h.consistent()),
-                },
-            );
-        }
-    }
-}
-
-/// All routes, matched by longest path prefix.
-pub struct RouteTable {
-    /// Sorted by prefix length, longest first, so the first match is the longest.
-    by_prefix: Vec<Arc<Route>>,
-    /// In config order, for the admin API.
-    in_order: Vec<Arc<Route>>,
-}
-
-impl RouteTable {
-    /// Builds the table from validated route configs and the clusters they name.
-    /// `migration` sizes the windows and configures mirroring (defaults without it).
-    pub fn new(
-        configs: &[RouteConfig],
-        clusters: &std::collections::HashMap<String, Arc<Cluster>>,
-        migration: Option<&MigrationConfig>,
-        mut chain_of: impl FnMut(&RouteConfig) -> acge_filters::Chain,
-    ) -> Self {
-        let shadow = migration.map(|m| m.shadow.clone()).unwrap_or_default();
-        let in_order: Vec<Arc<Route>> = configs
-            .iter()
-            .map(|rc| {
-                let sticky = rc
-                    .sticky
-                    .as_ref()
-                    .and_then(|s| match (&s.header, &s.cookie) {
-                        (Some(h), _) => HeaderName::from_bytes(h.as_bytes())
-                            .ok()
-                            .map(StickyKey::Header),
-                        (None, Some(c)) => Some(StickyKey::Cookie(c.clone())),
-                        (None, None) => None,
-                    });
-                let weight = u8::try_from(rc.green_weight.clamp(0, 100))
-                    .expect("clamped to 0..=100, which fits u8");
-                let metrics = RouteMetrics::new(&rc.name);
-                metrics.set_green_weight(weight);
-                Arc::new(Route {
-                    name: rc.name.as_str().into(),
-                    path_prefix: rc.matcher.path_prefix.clone(),
-                    blue: clusters[&rc.blue].clone(),
-                    green: clusters[&rc.green].clone(),
-                    splitter: Splitter::new(weight, sticky, rc.version_override),
-                    metrics,
-                    chain: chain_of(rc),
-                    max_body_bytes: rc.max_body_bytes,
-                    windows: migration
-                        .filter(|m| m.covers(&rc.name))
-                        .map(|m| Windows::new(m.window_span())),
-                    shadow: Shadow::new(&rc.name, &shadow),
-                })
-            })
-            .collect();
-        let mut by_prefix = in_order.clone();
-        by_prefix.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
-        Self {
-            by_prefix,
-            in_order,
-        }
-    }
-
-    /// The route with the longest prefix of `path` (plain string prefix, as Envoy does).
-    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
-        self.by_prefix
-            .iter()
-            .find(|r| path.starts_with(r.path_prefix.as_str()))
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
-        self.in_order.iter().find(|r| &*r.name == name)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.in_order.iter()
     }
 }
 

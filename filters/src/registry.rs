@@ -1,0 +1,259 @@
+//! The registry of built-in filters: their names, their settings (the config's
+//! `filters:` section), the checks of those settings, and building them for routes.
+//!
+//! This is the one place a built-in filter is named. A filter is built once (its model,
+//! its log) and then bound to each route that lists it, so that its per-route metric
+//! handles are made here, not looked up per request.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::acge::filter::{AcgeConfig, AcgeFilter, AcgeLoadError};
+use crate::audit::{AuditConfig, AuditError, AuditFilter, AuditLog};
+use crate::hash::{HashConfig, HashFilter};
+use crate::Filter;
+
+/// Filters this build can run. Routes naming anything else are refused at load.
+pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "acge", "audit"];
+
+/// Settings of each filter, shared by every route that lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FiltersConfig {
+    /// Defaults to `{mode: enforce}` for routes that list the filter.
+    #[serde(default)]
+    pub constitutional_hash: Option<HashConfig>,
+    /// Needed by routes that list `acge` (its `model` has no default).
+    #[serde(default)]
+    pub acge: Option<AcgeConfig>,
+    /// Needed by routes that list `audit` (its `dir` has no default).
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+}
+
+/// One problem with the filters' settings: the field path under `filters.` and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingError {
+    pub path: String,
+    pub message: String,
+}
+
+impl SettingError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl FiltersConfig {
+    /// Why a route may not list `name` (unknown, or its settings are missing).
+    pub fn refuse(&self, name: &str) -> Option<String> {
+        if !KNOWN_FILTERS.contains(&name) {
+            return Some(format!(
+                "unknown filter `{name}` (known: {})",
+                KNOWN_FILTERS.join(", ")
+            ));
+        }
+        match name {
+            "audit" if self.audit.is_none() => {
+                Some("`audit` needs a `filters.audit` section with its `dir`".into())
+            }
+            "acge" if self.acge.is_none() => {
+                Some("`acge` needs a `filters.acge` section with its `model`".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// Checks the settings' values, without touching the files they name.
+    pub fn validate(&self) -> Vec<SettingError> {
+        let mut errors = Vec::new();
+        if let Some(acge) = &self.acge {
+            if acge.max_batch == 0 || acge.queue == 0 || acge.timeout_ms == 0 {
+                errors.push(SettingError::new(
+                    "filters.acge",
+                    "max_batch, queue and timeout_ms must each be at least 1",
+                ));
+            }
+            if acge.on.is_empty() {
+                errors.push(SettingError::new(
+                    "filters.acge.on",
+                    "list request, response or both",
+                ));
+            }
+            if let Some(t) = acge.threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+                errors.push(SettingError::new(
+                    "filters.acge.threshold",
+                    format!("{t} is not a probability (0–1)"),
+                ));
+            }
+            for (i, h) in acge.headers.iter().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    errors.push(SettingError::new(
+                        format!("filters.acge.headers[{i}]"),
+                        format!("`{h}` is not a header name"),
+                    ));
+                }
+            }
+        }
+        if let Some(audit) = &self.audit {
+            if audit.queue == 0 {
+                errors.push(SettingError::new(
+                    "filters.audit.queue",
+                    "must be at least 1",
+                ));
+            }
+            if audit.checkpoint_every == 0 {
+                errors.push(SettingError::new(
+                    "filters.audit.checkpoint_every",
+                    "must be at least 1",
+                ));
+            }
+            if audit.segment_bytes < 4096 {
+                errors.push(SettingError::new(
+                    "filters.audit.segment_bytes",
+                    format!("{} is too small (at least 4096)", audit.segment_bytes),
+                ));
+            }
+        }
+        errors
+    }
+
+    /// Loads what the settings name, as starting would, without starting anything or
+    /// writing a file: the acge model (metadata, constitution hash, output shape) and
+    /// the audit signing key when it exists. For `acge-proxy check`.
+    pub fn check_files(
+        &self,
+        constitution_hash: &str,
+        used: impl Fn(&str) -> bool,
+    ) -> Vec<SettingError> {
+        let mut errors = Vec::new();
+        if let (Some(acge), true) = (&self.acge, used("acge")) {
+            if let Err(e) = AcgeFilter::check(acge, constitution_hash) {
+                errors.push(SettingError::new("filters.acge.model", e.to_string()));
+            }
+        }
+        if let (Some(audit), true) = (&self.audit, used("audit")) {
+            if let Err(e) = crate::audit::log::check_key(audit) {
+                errors.push(SettingError::new("filters.audit.key_file", e.to_string()));
+            }
+            if audit.dir.exists() && !audit.dir.is_dir() {
+                errors.push(SettingError::new(
+                    "filters.audit.dir",
+                    format!("{} exists and is not a directory", audit.dir.display()),
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// Why the filters could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("filters.constitutional_hash: the constitution hash is not a header value")]
+    Hash,
+    #[error("filters.acge: {0}")]
+    Acge(#[from] AcgeLoadError),
+    #[error("filters.audit: {0}")]
+    Audit(#[from] AuditError),
+}
+
+/// The built-in filters a config runs, each built once.
+pub struct Registry {
+    hash: Option<Arc<HashFilter>>,
+    acge: Option<Arc<AcgeFilter>>,
+    audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
+}
+
+impl Registry {
+    /// Builds each filter that `used` says a route lists: loads the model, opens the
+    /// audit log (creating its directory and key when absent).
+    pub fn build(
+        config: &FiltersConfig,
+        constitution_hash: &str,
+        used: impl Fn(&str) -> bool,
+    ) -> Result<Self, BuildError> {
+        let hash = if used("constitutional_hash") {
+            let settings = config.constitutional_hash.clone().unwrap_or_default();
+            Some(Arc::new(
+                HashFilter::new(constitution_hash, &settings).map_err(|_| BuildError::Hash)?,
+            ))
+        } else {
+            None
+        };
+        let acge = match (&config.acge, used("acge")) {
+            (Some(settings), true) => {
+                Some(Arc::new(AcgeFilter::load(settings, constitution_hash)?))
+            }
+            _ => None,
+        };
+        let audit = match (&config.audit, used("audit")) {
+            (Some(settings), true) => {
+                let (log, report) = AuditLog::open(settings)?;
+                tracing::info!(
+                    dir = %settings.dir.display(),
+                    records = report.records,
+                    segments = report.segments,
+                    cut = report.cut.as_deref().unwrap_or("nothing"),
+                    "audit log open"
+                );
+                Some((log.clone(), Arc::new(AuditFilter::new(log))))
+            }
+            _ => None,
+        };
+        Ok(Self { hash, acge, audit })
+    }
+
+    /// The built-in filter `name`, bound to `route`; None for a name this registry did
+    /// not build.
+    pub fn for_route(&self, name: &str, route: &str) -> Option<Arc<dyn Filter>> {
+        match name {
+            "constitutional_hash" => self
+                .hash
+                .as_ref()
+                .map(|f| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
+            "acge" => self
+                .acge
+                .as_ref()
+                .map(|f| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
+            "audit" => self
+                .audit
+                .as_ref()
+                .map(|(_, f)| f.clone() as Arc<dyn Filter>),
+            _ => None,
+        }
+    }
+
+    /// The audit log, when a route runs the audit filter.
+    pub fn audit_log(&self) -> Option<Arc<AuditLog>> {
+        self.audit.as_ref().map(|(log, _)| log.clone())
+    }
+
+    /// The acge filter's shared part, when a route runs it (for readiness).
+    pub fn acge(&self) -> Option<Arc<AcgeFilter>> {
+        self.acge.clone()
+    }
+}
+
+/// Resolves paths in the settings against the directory of the config file.
+pub fn resolve_paths(config: &mut FiltersConfig, base: &Path) {
+    let resolve = |p: &mut std::path::PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    if let Some(acge) = &mut config.acge {
+        resolve(&mut acge.model);
+    }
+    if let Some(audit) = &mut config.audit {
+        resolve(&mut audit.dir);
+        if let Some(key) = &mut audit.key_file {
+            resolve(key);
+        }
+    }
+}

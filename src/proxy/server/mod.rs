@@ -1,0 +1,371 @@
+//! Listeners: accept, optional TLS, HTTP/1.1 and HTTP/2 on one port, the limits that
+//! protect the proxy from hostile and careless clients, graceful drain.
+//!
+//! One accept loop serves any handler of the shape `(request, peer, in-flight guard) →
+//! response`: the proxy, the admin API and the demo backends all run on it. HTTP/2 is
+//! recognised by its connection preface (prior knowledge, h2c) or by ALPN under TLS.
+//!
+//! Limits, in the order a client meets them:
+//! - the listen backlog;
+//! - open connections (`max_connections`): at the limit the oldest idle connection is
+//!   closed to make room; with none idle the new one gets a canned 503 and is closed.
+//!   When accepting fails for want of file descriptors, a reserved descriptor is let go
+//!   so the waiting connection can be accepted and closed, and the oldest idle
+//!   connection is shed: the listener keeps answering;
+//! - the first byte (or the TLS handshake) within `first_byte_timeout`;
+//! - the request head within `header_read_timeout` (hyper's, from its first byte);
+//! - requests in flight (`max_requests_in_flight`): beyond it a 503 `overloaded` with
+//!   `Retry-After`, before the body is read;
+//! - an idle connection (nothing in flight) closes after `idle_timeout`;
+//! - HTTP/2: concurrent streams and resets per connection.
+//!
+//! Each refusal counts in `acge_refused_total{reason}`. On shutdown the loop stops
+//! accepting, asks every connection to finish its in-flight requests, waits up to the
+//! drain timeout, then closes what is left. This module knows nothing of routes or
+//! upstreams.
+
+mod conns;
+mod tls;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+pub use conns::{Conns, InFlight};
+pub use tls::{acceptor as tls_acceptor, TlsError};
+
+use crate::config::ListenerConfig;
+use crate::proxy::error::ProxyError;
+use crate::proxy::Body;
+use crate::telemetry::{refused, Refusal};
+
+/// How a listener treats its connections.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub tls: Option<TlsAcceptor>,
+    /// Largest header block accepted by the protocol layer. The proxy checks its own,
+    /// smaller limit first so that clients get a JSON 431; this one is the backstop.
+    pub max_header_bytes: usize,
+    pub first_byte_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub max_requests_in_flight: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_pending_resets: usize,
+    pub h2_max_local_resets: usize,
+}
+
+impl Default for ServerOptions {
+    /// Generous limits, for the admin API and the demo backends.
+    fn default() -> Self {
+        Self {
+            tls: None,
+            max_header_bytes: 32 * 1024,
+            first_byte_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_requests_in_flight: 10_000,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_resets: 20,
+            h2_max_local_resets: 1024,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The proxy listener's options, from its config.
+    pub fn of_listener(config: &ListenerConfig, tls: Option<TlsAcceptor>) -> Self {
+        let ms = Duration::from_millis;
+        Self {
+            tls,
+            max_header_bytes: config.max_header_bytes,
+            first_byte_timeout: ms(config.first_byte_timeout_ms),
+            header_read_timeout: ms(config.header_read_timeout_ms),
+            idle_timeout: ms(config.idle_timeout_ms),
+            drain_timeout: ms(config.drain_timeout_ms),
+            max_connections: config.max_connections,
+            max_requests_in_flight: config.max_requests_in_flight,
+            h2_max_concurrent_streams: config.h2_max_concurrent_streams,
+            h2_max_pending_resets: config.h2_max_pending_resets,
+            h2_max_local_resets: config.h2_max_local_resets,
+        }
+    }
+}
+
+/// Binds `address` with a listen backlog of `backlog`.
+pub fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(backlog)
+}
+
+/// Where a listener is in its life: serving, draining (finish in-flight requests, take
+/// no new ones), or stopped (close whatever is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    Draining,
+    Stopped,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then drains.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    options: ServerOptions,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr, InFlight) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size((options.max_header_bytes * 4).max(64 * 1024))
+        .max_headers(512);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(options.h2_max_pending_resets)
+        .max_local_error_reset_streams(options.h2_max_local_resets)
+        .max_header_list_size(u32::try_from(options.max_header_bytes * 4).unwrap_or(u32::MAX));
+
+    let conns = Conns::new(options.max_connections, options.max_requests_in_flight);
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    // Let go when accepting runs out of descriptors, so the waiting connection can be
+    // taken off the queue and closed rather than left to spin the loop.
+    let mut reserve = std::fs::File::open("/dev/null").ok();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) if out_of_descriptors(&e) => {
+                    refused(Refusal::FileDescriptors);
+                    reserve.take();
+                    if let Ok(Ok((stream, _))) =
+                        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                    {
+                        drop(stream);
+                    }
+                    conns.shed_oldest_idle();
+                    reserve = std::fs::File::open("/dev/null").ok();
+                    continue;
+                }
+                Err(e) => {
+                    // A reset before accept, or the like: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if !conns.has_room() && !conns.shed_oldest_idle() {
+            refused(Refusal::Connections);
+            if options.tls.is_none() {
+                tokio::spawn(refuse_connection(stream));
+            }
+            continue;
+        }
+        // Requests and responses are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let registered = conns.register();
+        let conn = registered.conn().clone();
+        let service = {
+            let (handler, conns) = (handler.clone(), conns.clone());
+            hyper::service::service_fn(move |req| {
+                let outcome = match conns.admit(&conn) {
+                    Some(guard) => Ok(handler(req, peer, guard)),
+                    None => {
+                        refused(Refusal::Requests);
+                        Err(crate::proxy::local(
+                            ProxyError::Overloaded(
+                                "too many requests in flight; try again shortly",
+                            )
+                            .into_response(),
+                        ))
+                    }
+                };
+                async move {
+                    Ok::<_, Infallible>(match outcome {
+                        Ok(answer) => answer.await,
+                        Err(refusal) => refusal,
+                    })
+                }
+            })
+        };
+        let builder = builder.clone();
+        let tls = options.tls.clone();
+        let limits = (options.first_byte_timeout, options.idle_timeout);
+        let phase = phase_rx.clone();
+        tokio::spawn(async move {
+            let _registered = registered;
+            let conn = _registered.conn().clone();
+            let (first_byte, idle) = limits;
+            match tls {
+                None => {
+                    if tokio::time::timeout(first_byte, stream.readable())
+                        .await
+                        .is_err()
+                    {
+                        refused(Refusal::FirstByteTimeout);
+                        return;
+                    }
+                    let served = builder.serve_connection(TokioIo::new(stream), service);
+                    run(served, &conn, idle, phase, peer).await;
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                refused(Refusal::FirstByteTimeout);
+                                return;
+                            }
+                        };
+                    let served = builder.serve_connection(TokioIo::new(stream), service);
+                    run(served, &conn, idle, phase, peer).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = phase.send(Phase::Draining);
+    if tokio::time::timeout(options.drain_timeout, conns.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(after = ?options.drain_timeout, open = conns.open(), "drain timed out; closing the remaining connections");
+        let _ = phase.send(Phase::Stopped);
+    }
+}
+
+/// Drives one connection until it ends, closing it gracefully when it has been idle
+/// too long, when the listener needs its room, or when the listener drains; and at
+/// once when the listener stops.
+async fn run<C>(
+    served: C,
+    conn: &std::sync::Arc<conns::Conn>,
+    idle_timeout: Duration,
+    mut phase: watch::Receiver<Phase>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulShutdown,
+{
+    let mut served = std::pin::pin!(served);
+    let mut closing = false;
+    loop {
+        let deadline = conn
+            .idle_deadline(idle_timeout)
+            .unwrap_or_else(|| std::time::Instant::now() + idle_timeout);
+        tokio::select! {
+            result = served.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(deadline.into()), if !closing => {
+                let idle_past = conn
+                    .idle_deadline(idle_timeout)
+                    .is_some_and(|d| d <= std::time::Instant::now());
+                if idle_past {
+                    refused(Refusal::IdleTimeout);
+                    served.as_mut().shut_down();
+                    closing = true;
+                }
+            }
+            () = conn.close.notified(), if !closing => {
+                refused(Refusal::ShedIdle);
+                served.as_mut().shut_down();
+                closing = true;
+            }
+            changed = phase.changed() => {
+                let now = if changed.is_ok() { *phase.borrow() } else { Phase::Stopped };
+                match now {
+                    Phase::Serving => {}
+                    Phase::Draining if !closing => {
+                        served.as_mut().shut_down();
+                        closing = true;
+                    }
+                    Phase::Draining => {}
+                    Phase::Stopped => return,
+                }
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it is doing and close.
+trait GracefulShutdown {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulShutdown for auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    // EMFILE (24): the process is out of descriptors; ENFILE (23): the system is.
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// The answer to a connection beyond the limit, written without reading the request:
+/// a 503 that says so, then the connection is closed.
+async fn refuse_connection(mut stream: TcpStream) {
+    let body = ProxyError::Overloaded("too many open connections; try again shortly")
+        .into_response()
+        .into_body();
+    let body = body.into_inner().unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, briefly, so that closing does not reset the
+        // connection before the client has read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), write).await;
+}

@@ -1,0 +1,131 @@
+//! Header hygiene at the upstream edge, both ways, for every request that leaves the
+//! proxy (a client's, a mirrored copy, a replay) and every answer that comes back.
+//!
+//! Inside this module so that no caller can forget it (as linkerd2-proxy strips
+//! connection headers inside its HTTP/1 client).
+
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// What the proxy adds to a request it forwards.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// The client's address, appended to `x-forwarded-for`.
+    pub client: IpAddr,
+    /// `http` or `https`, as the client reached the proxy.
+    pub proto: HeaderValue,
+    pub request_id: HeaderValue,
+}
+
+/// The headers to send upstream: the request's as the filters left them, without
+/// hop-by-hop headers, with the forwarding headers set.
+pub fn outgoing(headers: &HeaderMap, fwd: &Forwarded) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
+    append_forwarded_for(&mut out, fwd.client);
+    out.insert(X_FORWARDED_PROTO, fwd.proto.clone());
+    out.insert(X_REQUEST_ID, fwd.request_id.clone());
+    out
+}
+
+/// Removes the hop-by-hop headers and those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client's address to `x-forwarded-for`, folding any earlier hops into one
+/// comma-separated value.
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let ip = client.to_canonical().to_string();
+    let mut value = String::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = earlier.to_str() {
+            value.push_str(s);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// The size of a header block as HTTP/1.1 would send it (`name: value\r\n`).
+pub fn block_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "close, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(TE, "trailers".parse().unwrap());
+        h.insert(UPGRADE, "websocket".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn forwarded_for_folds_earlier_hops() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, "10.0.0.1".parse().unwrap());
+        h.append(X_FORWARDED_FOR, "10.0.0.2, 10.0.0.3".parse().unwrap());
+        let fwd = Forwarded {
+            client: "127.0.0.9".parse().unwrap(),
+            proto: HeaderValue::from_static("http"),
+            request_id: HeaderValue::from_static("id-1"),
+        };
+        let out = outgoing(&h, &fwd);
+        assert_eq!(out.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            out[X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.9"
+        );
+        assert_eq!(out[X_REQUEST_ID], "id-1");
+        assert_eq!(out[X_FORWARDED_PROTO], "http");
+    }
+}
