@@ -4,10 +4,10 @@
 //! `cargo bench --bench chain`
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use acge_filters::hash::{HashConfig, HashFilter, HashMode};
-use acge_filters::{Attributes, Chain, Exchange, Filter, RequestCtx, ResponseCtx};
+use acge_filters::{Answer, Chain, End, Ending, Exchange, Filter, RequestHead, Source, Version};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method, StatusCode, Uri};
 
@@ -31,40 +31,31 @@ fn headers() -> HeaderMap {
 
 /// One exchange through every phase, as the proxy drives it.
 async fn exchange(chain: &Chain, route: &Arc<str>, id: &Arc<str>) {
-    let mut req = RequestCtx {
-        method: Method::POST,
-        uri: Uri::from_static("/api/v1/auth/acge/validate"),
-        headers: headers(),
-        body: None,
-        route: route.clone(),
-        request_id: id.clone(),
-        attributes: Attributes::default(),
-    };
-    let _ = chain.on_request(&mut req).await;
-    let mut res = ResponseCtx {
+    let mut ex = Exchange::new(
+        route.clone(),
+        id.clone(),
+        Instant::now(),
+        RequestHead {
+            method: Method::POST,
+            uri: Uri::from_static("/api/v1/auth/acge/validate"),
+            headers: headers(),
+        },
+    );
+    let _ = chain.on_request(&mut ex).await;
+    ex.version = Some(Version::Green);
+    ex.response = Some(Answer {
         status: StatusCode::OK,
         headers: headers(),
         body: None,
-        route: route.clone(),
-        request_id: id.clone(),
-        method: Method::POST,
-        path: "/api/v1/auth/acge/validate".into(),
-        version: Some("green"),
-        elapsed: Duration::from_micros(300),
-        attributes: req.attributes,
-    };
-    chain.on_response(&mut res).await;
-    chain.on_log(&Exchange {
-        route: route.clone(),
-        request_id: id.clone(),
-        method: Method::POST,
-        path: res.path,
-        version: Some("green"),
-        status: res.status,
-        completed: true,
-        latency: Duration::from_micros(400),
-        attributes: res.attributes,
+        source: Source::Upstream(Version::Green),
     });
+    chain.on_response(&mut ex).await;
+    ex.end = Some(End {
+        status: StatusCode::OK,
+        ending: Ending::Complete,
+        latency: Duration::from_micros(400),
+    });
+    let _ = chain.on_log(&ex).await;
 }
 
 fn bench(c: &mut Criterion) {
@@ -79,7 +70,8 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| exchange(&empty, &route, &id))
     });
     for mode in [HashMode::Enforce, HashMode::Stamp] {
-        let hash: Arc<dyn Filter> = Arc::new(HashFilter::new(HASH, &HashConfig { mode }).unwrap());
+        let shared = Arc::new(HashFilter::new(HASH, &HashConfig { mode }).unwrap());
+        let hash: Arc<dyn Filter> = Arc::new(shared.for_route("auth"));
         let chain = Chain::new(vec![hash]);
         group.bench_function(
             format!("constitutional_hash_{mode:?}").to_lowercase(),

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use acge_proxy::admin::TokenSource;
+use acge_proxy::control::admin::TokenSource;
 use common::*;
 use http::{Method, StatusCode};
 
@@ -20,7 +20,7 @@ async fn acge_proxy(
 ) -> (acge_proxy::Running, acge_proxy::demo::Backend) {
     let up = acge_proxy::demo::spawn_backend(
         name,
-        acge_proxy::split::Version::Blue,
+        acge_proxy::proxy::split::Version::Blue,
         "127.0.0.1:0".parse().unwrap(),
     )
     .await
@@ -62,25 +62,37 @@ async fn observe_mode_scores_and_annotates_requests_and_responses() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "observe never refuses");
-    let score: f64 = r.headers["x-acge-compliance"]
+    let score: f64 = r.headers["x-acge-response-compliance"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!((0.0..=1.0).contains(&score));
     assert_eq!(
-        r.headers["x-acge-principles"],
+        r.headers["x-acge-response-principles"],
         "privacy,safety,fairness,transparency,accountability,authority",
         "at threshold 0 every principle is over it"
     );
+    assert!(
+        !r.headers.contains_key("x-acge-request-compliance"),
+        "the client gets the response's score only, under its own name"
+    );
     let seen = &r.json()["received_headers"];
     assert!(
-        seen["x-acge-compliance"]
+        seen["x-acge-request-compliance"]
             .as_str()
             .unwrap()
             .parse::<f64>()
             .is_ok(),
         "the upstream saw the request's score"
+    );
+    assert_eq!(
+        seen["x-acge-request-principles"],
+        "privacy,safety,fairness,transparency,accountability,authority"
+    );
+    assert!(
+        seen.get("x-acge-response-compliance").is_none(),
+        "the upstream never sees a response score"
     );
     let text = metrics_text(&p).await;
     assert!(
@@ -183,7 +195,7 @@ async fn a_failing_model_follows_on_error_and_is_counted() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
-        r.json()["received_headers"]["x-acge-compliance"],
+        r.json()["received_headers"]["x-acge-request-compliance"],
         "unavailable"
     );
     let text = metrics_text(&allow).await;
@@ -251,7 +263,7 @@ async fn the_score_reaches_the_audit_record() {
     let audit = tempfile::tempdir().unwrap();
     let up = acge_proxy::demo::spawn_backend(
         "acge-audit",
-        acge_proxy::split::Version::Blue,
+        acge_proxy::proxy::split::Version::Blue,
         "127.0.0.1:0".parse().unwrap(),
     )
     .await

@@ -3,7 +3,7 @@
 
 mod common;
 
-use acge_proxy::admin::TokenSource;
+use acge_proxy::control::admin::TokenSource;
 use common::*;
 use http::{Method, StatusCode};
 

@@ -284,7 +284,7 @@ async fn kill_9_under_load_loses_no_answered_record_with_sync_commit() {
     let dir = tempfile::tempdir().unwrap();
     let up = acge_proxy::demo::spawn_backend(
         "crash",
-        acge_proxy::split::Version::Blue,
+        acge_proxy::proxy::split::Version::Blue,
         "127.0.0.1:0".parse().unwrap(),
     )
     .await

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use acge_proxy::admin::TokenSource;
+use acge_proxy::control::admin::TokenSource;
 use common::*;
 use http::{Method, StatusCode};
 
@@ -189,7 +189,7 @@ async fn tls_listener_serves_h2_and_http11_by_alpn() {
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
 
     let any = "127.0.0.1:0".parse().unwrap();
-    let up = acge_proxy::demo::spawn_backend("tls", acge_proxy::split::Version::Blue, any)
+    let up = acge_proxy::demo::spawn_backend("tls", acge_proxy::proxy::split::Version::Blue, any)
         .await
         .unwrap();
     let yaml = format!(

@@ -32,7 +32,7 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
             assert_eq!(r.status, StatusCode::OK, "{}", service.name);
             assert_eq!(r.headers["x-acge-service"], service.name);
             assert_eq!(r.headers["x-acge-hash-check"], "match");
-            let score: f64 = r.headers["x-acge-compliance"]
+            let score: f64 = r.headers["x-acge-response-compliance"]
                 .to_str()
                 .unwrap()
                 .parse()

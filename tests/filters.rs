@@ -6,10 +6,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use acge_filters::{Exchange, Filter, RequestCtx, Verdict};
-use acge_proxy::admin::TokenSource;
+use acge_filters::{Exchange, Filter, LogError, Verdict};
 use acge_proxy::config::Config;
-use acge_proxy::split::Version;
+use acge_proxy::control::admin::TokenSource;
+use acge_proxy::proxy::split::Version;
 use acge_proxy::StartOptions;
 use async_trait::async_trait;
 use common::*;
@@ -200,20 +200,22 @@ impl Filter for Recorder {
     fn wants_body(&self) -> bool {
         true
     }
-    async fn on_request(&self, req: &mut RequestCtx) -> Verdict {
+    async fn on_request(&self, ex: &mut Exchange) -> Verdict {
         self.bodies
             .lock()
             .unwrap()
-            .push(req.body.as_ref().map_or(0, |b| b.len()));
+            .push(ex.request_body.as_ref().map_or(0, |b| b.len()));
         Verdict::Continue
     }
-    fn on_log(&self, done: &Exchange) {
+    async fn on_log(&self, ex: &Exchange) -> Result<(), LogError> {
+        let end = ex.end.expect("the log phase sees how the exchange ended");
         self.logged.lock().unwrap().push((
-            done.request_id.to_string(),
-            done.status.as_u16(),
-            done.completed,
-            done.version,
+            ex.request_id.to_string(),
+            end.status.as_u16(),
+            end.completed(),
+            ex.version.map(|v| v.as_str()),
         ));
+        Ok(())
     }
 }
 
@@ -233,8 +235,9 @@ routes:
   - {{name: {name}, match: {{path_prefix: /svc}}, blue: up, green: up, max_body_bytes: 1000}}
 "
     );
-    let mut config = Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let mut config = Config::parse_yaml(&yaml, "test.yaml").unwrap();
     config.routes[0].filters.push(name.into());
+    let config = acge_proxy::config::ValidConfig::new(config, &[name]).unwrap();
     let mut options = StartOptions::new(TokenSource::None);
     options.filters.push((name.into(), filter));
     acge_proxy::start(config, options).await.unwrap()
@@ -435,9 +438,13 @@ impl Filter for ResponseMeter {
     fn wants_response_body(&self) -> bool {
         true
     }
-    async fn on_response(&self, res: &mut acge_filters::ResponseCtx) -> Verdict {
-        let len = res.body.as_ref().map_or(0, |b| b.len());
-        res.headers.insert("x-body-bytes", len.into());
+    async fn on_response(&self, ex: &mut Exchange) -> Verdict {
+        let answer = ex
+            .response
+            .as_mut()
+            .expect("the response phase has an answer");
+        let len = answer.body.as_ref().map_or(0, |b| b.len());
+        answer.headers.insert("x-body-bytes", len.into());
         Verdict::Continue
     }
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acge_proxy::admin::TokenSource;
+use acge_proxy::control::admin::TokenSource;
 use acge_proxy::demo::{spawn_backend_with, Backend, Fault, Faults};
-use acge_proxy::split::Version;
+use acge_proxy::proxy::split::Version;
 use acge_proxy::Running;
 use common::{client, get, sample, send, start, TOKEN};
 use http::{Method, StatusCode};

@@ -123,10 +123,10 @@ async fn override_header_works_only_when_enabled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn longest_prefix_wins() {
     let any = "127.0.0.1:0".parse().unwrap();
-    let a = acge_proxy::demo::spawn_backend("auth", acge_proxy::split::Version::Blue, any)
+    let a = acge_proxy::demo::spawn_backend("auth", acge_proxy::proxy::split::Version::Blue, any)
         .await
         .unwrap();
-    let b = acge_proxy::demo::spawn_backend("ac", acge_proxy::split::Version::Blue, any)
+    let b = acge_proxy::demo::spawn_backend("ac", acge_proxy::proxy::split::Version::Blue, any)
         .await
         .unwrap();
     let yaml = format!(
@@ -141,7 +141,7 @@ routes:
 ",
         a.addr, b.addr
     );
-    let p = start(&yaml, acge_proxy::admin::TokenSource::None).await;
+    let p = start(&yaml, acge_proxy::control::admin::TokenSource::None).await;
     let c = client();
     let svc = |r: &Reply| r.headers["x-acge-service"].to_str().unwrap().to_string();
     let r = get(

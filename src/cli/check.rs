@@ -3,7 +3,7 @@
 //! The config is parsed and validated (every error with its field path and line), then
 //! every file it names is loaded as the start would load it — each model (metadata,
 //! constitution hash, output shape), the audit signing key, the TLS certificate and
-//! key, the admin token file — without binding a port or writing a file.
+//! key — without binding a port or writing a file.
 
 use std::path::Path;
 use std::process::ExitCode;

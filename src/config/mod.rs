@@ -211,7 +211,7 @@ routes:
             "{e:?}"
         );
         let c = Config::from_yaml(&format!("{GOOD}migration: {{}}\n"), "t.yaml").unwrap();
-        let m = c.migration.unwrap();
+        let m = c.migration.clone().unwrap();
         assert_eq!(m.steps, [0, 5, 10, 25, 50, 75, 100]);
         assert_eq!((m.interval_s, m.min_requests), (60.0, 200));
         assert_eq!(m.rollback.p95_above_ms, 2000.0);

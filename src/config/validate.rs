@@ -86,10 +86,11 @@ impl ValidConfig {
         self.custom_filters.iter().any(|f| f == name)
     }
 
-    /// Loads every file the config names, as the start would, without starting
-    /// anything or creating a file: each model (metadata, hash, shape), the audit
-    /// signing key when it exists, the TLS certificate and key, the admin token file.
-    /// Each problem names its field.
+    /// Loads every file the config names that the start would refuse to start
+    /// without, without starting anything or creating a file: each model (metadata,
+    /// hash, shape), the audit signing key when it exists, the TLS certificate and key.
+    /// (The admin token file is read on each mutation, so a missing one only disables
+    /// mutations, as it would at run time.) Each problem names its field.
     pub fn check_files(&self) -> Vec<ConfigError> {
         let mut errors: Vec<ConfigError> = self
             .filters
@@ -108,21 +109,6 @@ impl ValidConfig {
                     line: None,
                     message: e.to_string(),
                 });
-            }
-        }
-        if let Some(path) = &self.admin.token_file {
-            match std::fs::read_to_string(path) {
-                Ok(t) if t.trim().is_empty() => errors.push(ConfigError {
-                    path: "admin.token_file".into(),
-                    line: None,
-                    message: format!("{} is empty; mutations would be refused", path.display()),
-                }),
-                Ok(_) => {}
-                Err(e) => errors.push(ConfigError {
-                    path: "admin.token_file".into(),
-                    line: None,
-                    message: format!("{}: {e}", path.display()),
-                }),
             }
         }
         for e in &mut errors {

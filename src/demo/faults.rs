@@ -101,9 +101,9 @@ pub fn admin_routes(faults: Arc<Faults>) -> Router {
 }
 
 async fn set(State(faults): State<Arc<Faults>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
+    let body = match crate::control::admin::read_body(body) {
         Ok(body) => body,
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_body", e.to_string()),
+        Err(refusal) => return *refusal,
     };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use super::body::{self, declared_length, full_body, read_whole, Body, Bounds};
 use super::error::ProxyError;
 use super::ingress;
-use super::log::{Finish, LoggedBody};
+use super::log::{Finish, LoggedBody, Open};
 use super::route::{BlueAnswer, Mirrored};
 use super::server::InFlight;
 use super::split::OVERRIDE_HEADER;
@@ -61,12 +61,12 @@ pub(super) async fn run(
                     if !route.allows_override {
                         ingress::strip_override(&mut ex.request.headers);
                     }
-                    let finish = Box::new(Finish {
+                    let finish = Finish::new(Open {
                         route,
                         ex,
                         status: StatusCode::OK,
                         _in_flight: in_flight,
-                        _leases: Vec::new(),
+                        leases: Vec::new(),
                     });
                     exchange(proxy, finish, body, fwd).await
                 }
@@ -87,12 +87,7 @@ fn unrouted(e: ProxyError) -> Response<Body> {
     body::local(e.into_response())
 }
 
-async fn exchange(
-    proxy: &Proxy,
-    mut finish: Box<Finish>,
-    body: Body,
-    fwd: Forwarded,
-) -> Response<Body> {
+async fn exchange(proxy: &Proxy, mut finish: Finish, body: Body, fwd: Forwarded) -> Response<Body> {
     let route = finish.route.clone();
     let declared = declared_length(&finish.ex.request.headers);
     let bounds = Bounds {
@@ -111,7 +106,7 @@ async fn exchange(
         match whole.await {
             Ok((bytes, lease)) => {
                 finish.ex.request_body = Some(bytes);
-                finish._leases.push(lease);
+                finish.leases.push(lease);
             }
             Err(e) => return answer(proxy, finish, local(e), None).await,
         }
@@ -140,7 +135,7 @@ async fn exchange(
             {
                 Ok((bytes, lease)) => {
                     finish.ex.request_body = Some(bytes.clone());
-                    finish._leases.push(lease);
+                    finish.leases.push(lease);
                     bytes
                 }
                 Err(e) => return answer(proxy, finish, local(e), None).await,
@@ -160,11 +155,11 @@ async fn exchange(
         );
     }
 
-    let upstream_body = match (&finish.ex.request_body, streaming) {
+    let upstream_body = match (finish.ex.request_body.clone(), streaming) {
         (Some(bytes), _) => {
             // A filter may have replaced it; hyper counts the one that goes.
             finish.ex.request.headers.remove(CONTENT_LENGTH);
-            full_body(bytes.clone())
+            full_body(bytes)
         }
         (None, Some(stream)) => stream,
         (None, None) => body::empty_body(),
@@ -214,7 +209,7 @@ type Upstream = (Body, Option<oneshot::Sender<BlueAnswer>>);
 /// body's end ends the exchange.
 async fn answer(
     proxy: &Proxy,
-    mut finish: Box<Finish>,
+    mut finish: Finish,
     mut answer: Answer,
     upstream: Option<Upstream>,
 ) -> Response<Body> {
@@ -243,7 +238,7 @@ async fn answer(
             {
                 Ok((bytes, lease)) => {
                     answer.body = Some(bytes);
-                    finish._leases.push(lease);
+                    finish.leases.push(lease);
                 }
                 Err(e) => {
                     if let Some(version) = answer.upstream() {

@@ -2,8 +2,9 @@
 //! not when its head goes out.
 //!
 //! [`Finish`] holds what the end needs (the route, the exchange, the request's
-//! in-flight guard and the budget it holds). [`LoggedBody`] wraps the answer's body and
-//! runs the end exactly once: when the body has been read to its end (the last frame is
+//! in-flight guard and the budget it holds), and ends the exchange as 499 if it is
+//! dropped before it ended. [`LoggedBody`] wraps the answer's body and runs the end
+//! exactly once: when the body has been read to its end (the last frame is
 //! held back until the log phases are done, so that in `sync` mode the client's answer
 //! completes only once its audit record is on disk), when the upstream cuts it (502,
 //! counted as an upstream `body` error), or when it is dropped first (the client went
@@ -27,58 +28,94 @@ use super::upstream::BODY_CUT;
 type LogFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 
 /// What the end of one exchange needs.
-pub(super) struct Finish {
+pub(super) struct Open {
     pub(super) route: Arc<Route>,
     pub(super) ex: Exchange,
     /// The status of the answer's head, as sent.
     pub(super) status: StatusCode,
     pub(super) _in_flight: InFlight,
-    pub(super) _leases: Vec<Lease>,
+    pub(super) leases: Vec<Lease>,
+}
+
+/// An exchange that has not ended yet. It ends exactly once: through [`Finish::end`],
+/// or, when whatever holds it is dropped first (the client went away while the
+/// upstream was still thinking, or mid-body), as 499 from its `Drop`.
+pub(super) struct Finish(Option<Box<Open>>);
+
+impl std::ops::Deref for Finish {
+    type Target = Open;
+
+    fn deref(&self) -> &Open {
+        self.0
+            .as_ref()
+            .expect("an exchange is used only until it ends")
+    }
+}
+
+impl std::ops::DerefMut for Finish {
+    fn deref_mut(&mut self) -> &mut Open {
+        self.0
+            .as_mut()
+            .expect("an exchange is used only until it ends")
+    }
 }
 
 impl Finish {
+    pub(super) fn new(open: Open) -> Self {
+        Self(Some(Box::new(open)))
+    }
+
     /// Records the end and returns the log phases to run (None when the route has no
-    /// filters).
-    pub(super) fn end(mut self: Box<Self>, ending: Ending) -> Option<LogFuture> {
+    /// filters, or the exchange had ended already).
+    pub(super) fn end(&mut self, ending: Ending) -> Option<LogFuture> {
+        let mut open = self.0.take()?;
         let status = match ending {
-            Ending::Complete => self.status,
+            Ending::Complete => open.status,
             Ending::ClientGone => {
                 StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status")
             }
             Ending::UpstreamCut => StatusCode::BAD_GATEWAY,
         };
-        self.ex.end = Some(End {
+        open.ex.end = Some(End {
             status,
             ending,
-            latency: self.ex.started.elapsed(),
+            latency: open.ex.started.elapsed(),
         });
         if ending == Ending::UpstreamCut {
-            if let Some(version) = self.ex.answered_by() {
-                self.route.metrics.upstream_error(version, BODY_CUT);
+            if let Some(version) = open.ex.answered_by() {
+                open.route.metrics.upstream_error(version, BODY_CUT);
             }
         }
-        self.route.observe(&self.ex);
-        if self.route.chain.is_empty() {
+        open.route.observe(&open.ex);
+        if open.route.chain.is_empty() {
             return None;
         }
         Some(Box::pin(async move {
-            let result = self.route.chain.on_log(&self.ex).await;
-            drop(self);
+            let result = open.route.chain.on_log(&open.ex).await;
+            drop(open);
             result
         }))
     }
 
     /// Ends the exchange now and waits for its log phases (an answer with no body to
     /// hold back).
-    pub(super) async fn end_now(self: Box<Self>) {
+    pub(super) async fn end_now(mut self) {
         if let Some(log) = self.end(Ending::Complete) {
             let _ = log.await;
         }
     }
 }
 
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if let Some(log) = self.end(Ending::ClientGone) {
+            spawn_log(log);
+        }
+    }
+}
+
 enum State {
-    Streaming(Box<Finish>),
+    Streaming(Finish),
     /// The body has ended; its last frame waits for the log phases.
     Logging {
         log: LogFuture,
@@ -94,7 +131,7 @@ pub(super) struct LoggedBody {
 }
 
 impl LoggedBody {
-    pub(super) fn new(body: Body, finish: Box<Finish>) -> Self {
+    pub(super) fn new(body: Body, finish: Finish) -> Self {
         Self {
             body,
             state: State::Streaming(finish),
@@ -102,7 +139,7 @@ impl LoggedBody {
     }
 
     fn start_end(&mut self, ending: Ending, held: Option<Frame<Bytes>>) -> Option<Frame<Bytes>> {
-        let State::Streaming(finish) = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Streaming(mut finish) = std::mem::replace(&mut self.state, State::Done) else {
             return held;
         };
         match finish.end(ending) {
@@ -143,7 +180,7 @@ impl hyper::body::Body for LoggedBody {
                     // The upstream cut its body: the client's answer fails too, and
                     // nothing is held back for the log phases.
                     Poll::Ready(Some(Err(e))) => {
-                        if let State::Streaming(finish) =
+                        if let State::Streaming(mut finish) =
                             std::mem::replace(&mut this.state, State::Done)
                         {
                             if let Some(log) = finish.end(Ending::UpstreamCut) {
@@ -183,16 +220,11 @@ impl hyper::body::Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Streaming(finish) => {
-                if let Some(log) = finish.end(Ending::ClientGone) {
-                    spawn_log(log);
-                }
-            }
-            // The answer was read to its end; the client went before the log phases
-            // were done. They finish on their own.
-            State::Logging { log, .. } => spawn_log(log),
-            State::Done => {}
+        // Streaming: the Finish's own drop ends the exchange as 499. Logging: the
+        // answer was read to its end, and the client went before the log phases were
+        // done; they finish on their own.
+        if let State::Logging { log, .. } = std::mem::replace(&mut self.state, State::Done) {
+            spawn_log(log);
         }
     }
 }

@@ -17,7 +17,7 @@ pub fn normalize(path: &str, merge_slashes: bool) -> Result<Cow<'_, str>, &'stat
         return Err("it must start with `/`");
     }
     let plain =
-        !path.contains('%') && !path.contains("/.") && !(merge_slashes && path.contains("//"));
+        !(path.contains('%') || path.contains("/.") || merge_slashes && path.contains("//"));
     if plain {
         return Ok(Cow::Borrowed(path));
     }

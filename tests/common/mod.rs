@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use acge_proxy::admin::TokenSource;
 use acge_proxy::config::Config;
+use acge_proxy::control::admin::TokenSource;
 use acge_proxy::demo::{spawn_backend, Backend};
-use acge_proxy::split::Version;
+use acge_proxy::proxy::split::Version;
 use acge_proxy::{Running, StartOptions};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -221,11 +221,11 @@ pub async fn fixed_upstream(
 ) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(acge_proxy::server::serve(
+    tokio::spawn(acge_proxy::proxy::server::serve(
         l,
-        acge_proxy::server::ServerOptions::default(),
-        move |_req, _peer| async move {
-            let mut res = acge_proxy::full(Bytes::from_static(body.as_bytes()));
+        acge_proxy::proxy::server::ServerOptions::default(),
+        move |_req, _peer, _in_flight| async move {
+            let mut res = acge_proxy::proxy::full(Bytes::from_static(body.as_bytes()));
             for (k, v) in headers {
                 res.headers_mut().insert(*k, v.parse().unwrap());
             }

@@ -42,7 +42,7 @@ use tower::ServiceExt;
 
 pub use auth::TokenSource;
 pub use health::Readiness;
-pub use reply::{error as json_error_response, ok as json_ok, MAX_BODY};
+pub use reply::{body as read_body, error as json_error_response, ok as json_ok, MAX_BODY};
 
 use crate::config::ValidConfig;
 use crate::control::migration::Controller;

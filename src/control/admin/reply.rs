@@ -32,13 +32,13 @@ pub fn error(status: StatusCode, error: &str, detail: impl AsRef<str>) -> Respon
 }
 
 /// A mutation's body, or the JSON refusal for one that is too large or broken.
-pub fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+pub fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
     body.map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "bad_body",
             format!("cannot read the body ({e}); at most {MAX_BODY} bytes"),
-        )
+        ))
     })
 }
 

@@ -46,7 +46,7 @@ pub async fn set(
     };
     let body = match reply::body(body) {
         Ok(body) => body,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let green = match parse_weight_body(&body) {
         Ok(green) => green,

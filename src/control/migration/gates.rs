@@ -84,7 +84,8 @@ mod tests {
 
     #[test]
     fn each_gate_breaches_on_its_own_side_of_its_threshold() {
-        let cases: [(&str, fn(&mut Figures)); 4] = [
+        type Breach = fn(&mut Figures);
+        let cases: [(&str, Breach); 4] = [
             ("compliance", |f| f.compliance = Some(0.949)),
             ("p95_ms", |f| f.p95_ms = Some(2000.5)),
             ("error_rate", |f| f.error_rate = Some(0.0101)),
