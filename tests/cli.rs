@@ -1,5 +1,7 @@
 //! `acge-proxy check` as an operator runs it: every error named by field and line.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -92,5 +94,125 @@ fn missing_file_is_a_clear_error() {
     assert!(
         stderr.contains("/nonexistent/acge.yaml: cannot read the file"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_at_once_naming_the_line() {
+    let deep = format!(
+        "listener: {{address: 127.0.0.1:15001}}\nx: {}{}\n",
+        "[".repeat(60_000),
+        "]".repeat(60_000)
+    );
+    let (ok, _, stderr) = check(&deep);
+    assert!(!ok);
+    assert!(
+        stderr.contains("line 2: nested deeper than 32 levels"),
+        "{stderr}"
+    );
+}
+
+/// A config whose one route runs acge (on `model`) and audit (with `key`), with TLS
+/// from `cert`/`key_pem` when given.
+fn files_config(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    audit_key: &std::path::Path,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> PathBuf {
+    let tls = tls.map_or(String::new(), |(c, k)| {
+        format!(", tls: {{cert: {}, key: {}}}", c.display(), k.display())
+    });
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:15001{tls}}}
+clusters:
+  up: {{endpoints: [\"127.0.0.1:8000\"]}}
+routes:
+  - {{name: r, match: {{path_prefix: /}}, blue: up, green: up, filters: [acge, audit]}}
+filters:
+  acge: {{model: {}}}
+  audit: {{dir: {}, key_file: {}}}
+",
+        model.display(),
+        dir.join("audit").display(),
+        audit_key.display()
+    );
+    let path = dir.join(format!("files-{}.yaml", yaml.len()));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// One refusal: exit 1, the field named, one line, no libtorch stack frames.
+fn refused_with(path: PathBuf, field: &str, reason: &str) {
+    let (ok, _, stderr) = run_check(path);
+    assert!(!ok, "check passed a config run would refuse");
+    assert!(
+        stderr.contains(field) && stderr.contains(reason),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        !stderr.contains("frame #") && !stderr.contains("Exception raised"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_refuses_what_run_would_refuse_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    common::make_test_model(&model, &[]);
+    let key = dir.path().join("audit.key");
+    let good = files_config(dir.path(), &model, &key, None);
+    let (ok, stdout, stderr) = run_check(good.clone());
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("OK:"), "{stdout}");
+    assert!(!key.exists(), "check creates no key");
+    assert!(
+        !dir.path().join("audit").exists(),
+        "check creates no log directory"
+    );
+
+    let missing = dir.path().join("no-such-model");
+    refused_with(
+        files_config(dir.path(), &missing, &key, None),
+        "filters.acge.model",
+        "model.json",
+    );
+
+    let corrupt = dir.path().join("corrupt");
+    common::make_test_model(&corrupt, &[]);
+    std::fs::write(corrupt.join("model.pt"), b"not a TorchScript archive").unwrap();
+    refused_with(
+        files_config(dir.path(), &corrupt, &key, None),
+        "filters.acge.model",
+        "libtorch cannot load it",
+    );
+
+    let odd = dir.path().join("odd-threshold");
+    common::make_test_model(&odd, &[]);
+    let meta = std::fs::read_to_string(odd.join("model.json")).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    meta["threshold"] = serde_json::json!(1.5);
+    std::fs::write(odd.join("model.json"), meta.to_string()).unwrap();
+    refused_with(
+        files_config(dir.path(), &odd, &key, None),
+        "filters.acge.model",
+        "threshold: 1.5 is not a probability",
+    );
+
+    std::fs::write(&key, "not hex\n").unwrap();
+    refused_with(
+        files_config(dir.path(), &model, &key, None),
+        "filters.audit.key_file",
+        "not hex",
+    );
+    std::fs::remove_file(&key).unwrap();
+
+    let nowhere = dir.path().join("nowhere.pem");
+    refused_with(
+        files_config(dir.path(), &model, &key, Some((&nowhere, &nowhere))),
+        "listener.tls",
+        "nowhere.pem",
     );
 }

@@ -140,11 +140,79 @@ async fn huge_headers_get_431_json_and_garbage_gets_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through() {
-    let s = setup("stream", 0, "").await;
-    let body = vec![b'a'; 8 * 1024 * 1024];
-    let r = send(&client(), Method::POST, &s.url("/svc/upload"), &[], body).await;
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.json()["body_bytes"], 8 * 1024 * 1024);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that says when the first bytes of a body arrive, then reads it all.
+    let (first_bytes, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let up = scripted_upstream(move |mut s| {
+        let first_bytes = first_bytes.clone();
+        async move {
+            let head = read_head(&mut s).await;
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked"),
+                "{head}"
+            );
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0usize;
+            let mut told = false;
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+                if !told {
+                    let _ = first_bytes.send(());
+                    told = true;
+                }
+                if buf[..n].ends_with(b"0\r\n\r\n") {
+                    break;
+                }
+            }
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{total}",
+                        total.to_string().len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    })
+    .await;
+    let p = start(&one_cluster(&format!("\"{up}\""), ""), TokenSource::None).await;
+    let mut client = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    client
+        .write_all(b"POST /svc/upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'a'; 1024 * 1024];
+    client
+        .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+        .await
+        .unwrap();
+    client.write_all(&chunk).await.unwrap();
+    client.write_all(b"\r\n").await.unwrap();
+    // The upstream must see the first megabyte before the client sends the other seven.
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the first bytes reached the upstream while the upload was still going on")
+        .unwrap();
+    for _ in 0..7 {
+        client
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        client.write_all(&chunk).await.unwrap();
+        client.write_all(b"\r\n").await.unwrap();
+    }
+    client.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 fn curl(args: &[&str]) -> String {

@@ -6,10 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use acge_filters::acge::batcher::{Backend, Batcher, BatcherConfig, NoObserver};
+use acge_filters::acge::batcher::{Backend, BatchObserver, Batcher, BatcherConfig};
 use acge_filters::acge::engine::{ModelError, TorchEngine};
 use acge_filters::acge::DeviceChoice;
 use common::make_test_model;
@@ -37,7 +37,18 @@ fn fixtures(dir: &Path) -> Vec<(Vec<i64>, Vec<f32>)> {
                 .collect();
             (input, output)
         })
-        .collect()
+        .collect::<Vec<_>>()
+}
+
+/// The fixtures, refusing an empty set (a loop over nothing checks nothing).
+fn cases(dir: &Path) -> Vec<(Vec<i64>, Vec<f32>)> {
+    let cases = fixtures(dir);
+    assert!(
+        cases.len() >= 4,
+        "the test model wrote {} fixtures",
+        cases.len()
+    );
+    cases
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
@@ -51,7 +62,7 @@ fn engine_matches_pytorch_alone_and_in_mixed_batches() {
     let (mut engine, meta) =
         TorchEngine::load(dir.path(), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
     assert_eq!(meta.principles.len(), 6);
-    let cases = fixtures(dir.path());
+    let cases = cases(dir.path());
     for (input, expected) in &cases {
         let rows = engine.infer(&[input.as_slice()]).unwrap();
         assert!(close(&rows[0], expected), "{:?} vs {expected:?}", rows[0]);
@@ -59,6 +70,7 @@ fn engine_matches_pytorch_alone_and_in_mixed_batches() {
     // One batch of every case: padded to the longest, each row as it was alone.
     let batch: Vec<&[i64]> = cases.iter().map(|(i, _)| i.as_slice()).collect();
     let rows = engine.infer(&batch).unwrap();
+    assert_eq!(rows.len(), cases.len(), "one row per item");
     for (row, (_, expected)) in rows.iter().zip(&cases) {
         assert!(close(row, expected), "{row:?} vs {expected:?}");
     }
@@ -75,8 +87,10 @@ async fn engine_behind_the_batcher_serves_concurrent_callers() {
         queue: 256,
         timeout: Duration::from_secs(5),
     };
-    let batcher = Arc::new(Batcher::spawn(engine, config, NoObserver).unwrap());
-    let cases = Arc::new(fixtures(dir.path()));
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let observer = Sizes(sizes.clone());
+    let batcher = Arc::new(Batcher::spawn(engine, config, observer).unwrap());
+    let cases = Arc::new(cases(dir.path()));
     let mut tasks = Vec::new();
     for k in 0..40 {
         let (batcher, cases) = (batcher.clone(), cases.clone());
@@ -88,6 +102,21 @@ async fn engine_behind_the_batcher_serves_concurrent_callers() {
     }
     for t in tasks {
         t.await.unwrap();
+    }
+    let sizes = sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 40, "{sizes:?}");
+    assert!(
+        sizes.iter().any(|s| *s > 1),
+        "concurrent callers shared a batch: {sizes:?}"
+    );
+}
+
+/// Remembers the size of every batch the batcher ran.
+struct Sizes(Arc<Mutex<Vec<usize>>>);
+
+impl BatchObserver for Sizes {
+    fn batch(&self, size: usize, _queue_waits: &[Duration], _inference: Duration) {
+        self.0.lock().unwrap().push(size);
     }
 }
 

@@ -18,13 +18,29 @@ fn model_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The training script's fixtures, refusing an empty set (a loop over nothing checks
+/// nothing).
 fn fixtures() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(model_dir("acge-default").join("fixtures.json")).unwrap();
-    serde_json::from_str::<serde_json::Value>(&text)
+    let all = serde_json::from_str::<serde_json::Value>(&text)
         .unwrap()
         .as_array()
         .unwrap()
-        .clone()
+        .clone();
+    assert!(
+        all.len() >= 4,
+        "models/acge-default has {} fixtures",
+        all.len()
+    );
+    all
+}
+
+/// Row against row, of the same length.
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    for (a, b) in got.iter().zip(want) {
+        assert!((a - b).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
+    }
 }
 
 #[test]
@@ -70,9 +86,7 @@ fn rust_renders_and_scores_the_training_scripts_fixtures_alike() {
             .iter()
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
-        for (a, b) in row.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-4, "{row:?} vs {want:?}");
-        }
+        assert_close(&row, &want, "Rust against PyTorch");
     }
 }
 
@@ -126,13 +140,9 @@ fn the_default_model_scores_a_row_alike_alone_and_padded_in_a_batch() {
     );
     let refs: Vec<&[i64]> = inputs.iter().map(Vec::as_slice).collect();
     let batched = engine.infer(&refs).unwrap();
+    assert_eq!(batched.len(), inputs.len(), "one row per item");
     for (input, together) in inputs.iter().zip(&batched) {
         let alone = engine.infer(&[input.as_slice()]).unwrap().remove(0);
-        for (a, b) in alone.iter().zip(together) {
-            assert!(
-                (a - b).abs() < 1e-4,
-                "{alone:?} alone vs {together:?} in a batch"
-            );
-        }
+        assert_close(together, &alone, "in a batch against alone");
     }
 }

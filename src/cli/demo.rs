@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub async fn demo(dir: PathBuf, traffic: u32) -> anyhow::Result<()> {
+    acge_proxy::proxy::server::raise_descriptor_limit();
     let token = match std::env::var("ACGE_ADMIN_TOKEN") {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => format!("demo-{}", uuid::Uuid::new_v4().simple()),

@@ -4,8 +4,8 @@
 //! Every problem is reported at once, each with its field path (the caller adds the
 //! line). References between parts (a route's clusters and filters, the migration's
 //! routes), ranges (percentages, shares, timeouts) and addresses are checked here; the
-//! files a config names (models, keys, certificates) are checked by `acge-proxy check`
-//! ([`ValidConfig::check_files`]) and loaded by the start.
+//! files a config names (models, keys, certificates) are loaded by `acge-proxy check`
+//! and by the start.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -86,35 +86,9 @@ impl ValidConfig {
         self.custom_filters.iter().any(|f| f == name)
     }
 
-    /// Loads every file the config names that the start would refuse to start
-    /// without, without starting anything or creating a file: each model (metadata,
-    /// hash, shape), the audit signing key when it exists, the TLS certificate and key.
-    /// (The admin token file is read on each mutation, so a missing one only disables
-    /// mutations, as it would at run time.) Each problem names its field.
-    pub fn check_files(&self) -> Vec<ConfigError> {
-        let mut errors: Vec<ConfigError> = self
-            .filters
-            .check_files(&self.constitution.hash, |name| self.uses_filter(name))
-            .into_iter()
-            .map(|e| ConfigError {
-                path: e.path,
-                line: None,
-                message: e.message,
-            })
-            .collect();
-        if let Some(tls) = &self.listener.tls {
-            if let Err(e) = crate::proxy::server::tls_acceptor(&tls.cert, &tls.key) {
-                errors.push(ConfigError {
-                    path: "listener.tls".into(),
-                    line: None,
-                    message: e.to_string(),
-                });
-            }
-        }
-        for e in &mut errors {
-            e.line = self.lines.as_ref().and_then(|l| l.line_of(&e.path));
-        }
-        errors
+    /// The line a field path is written on, when the config came from a file.
+    pub fn line_of(&self, path: &str) -> Option<usize> {
+        self.lines.as_ref().and_then(|l| l.line_of(path))
     }
 }
 

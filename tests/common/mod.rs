@@ -291,3 +291,120 @@ pub fn make_test_model(dir: &std::path::Path, extra: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Prometheus text a running proxy serves.
+pub async fn scrape(p: &Running) -> String {
+    let r = get(&client(), &format!("http://{}/metrics", p.admin_addr), &[]).await;
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// `acge_refused_total{reason}` as a number (0 before the first).
+pub fn refused(metrics: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        &format!("acge_refused_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// An upstream that hands each accepted connection to `script`.
+pub async fn scripted_upstream<F, Fut>(script: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let script = std::sync::Arc::new(script);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(script(s));
+        }
+    });
+    addr
+}
+
+/// Reads one HTTP/1 request head (through the empty line) from `stream`.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One request an upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// An upstream that answers every request with 200 `{"ok":true}` (with the right
+/// constitutional hash) and reports each request it received.
+pub async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(acge_proxy::proxy::server::serve(
+        l,
+        acge_proxy::proxy::server::ServerOptions::default(),
+        move |req: Request<hyper::body::Incoming>, _peer, _in_flight| {
+            let tx = tx.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let _ = body.collect().await;
+                let _ = tx.send(Seen {
+                    method: parts.method.to_string(),
+                    path: parts.uri.to_string(),
+                    headers: parts.headers,
+                });
+                let mut res = acge_proxy::proxy::full(Bytes::from_static(b"{\"ok\":true}"));
+                res.headers_mut()
+                    .insert("x-constitutional-hash", "cdd01ef066bc6cf2".parse().unwrap());
+                res.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                res
+            }
+        },
+        std::future::pending(),
+    ));
+    (addr, rx)
+}
+
+/// A config of one route `name` on `/svc` to `upstream` (blue and green alike), with
+/// `listener` YAML added to the listener's flow map, `cluster` to the cluster's and
+/// `rest` appended (top level).
+pub fn config_with(
+    name: &str,
+    upstream: SocketAddr,
+    listener: &str,
+    cluster: &str,
+    rest: &str,
+) -> String {
+    format!(
+        "listener: {{address: 127.0.0.1:0{listener}}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{upstream}\"]{cluster}}}
+routes:
+  - {{name: {name}, match: {{path_prefix: /svc}}, blue: up, green: up}}
+{rest}"
+    )
+}
+
+/// The resident memory of this process, in bytes.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}

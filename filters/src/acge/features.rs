@@ -19,6 +19,93 @@
 //! model's length L.
 
 use http::{HeaderMap, HeaderName, Method};
+use sha2::{Digest, Sha256};
+
+/// What is scored: a request or a response, as the proxy has it.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Request {
+        method: &'a Method,
+        path: &'a str,
+        headers: &'a HeaderMap,
+        body: Option<&'a [u8]>,
+    },
+    Response {
+        status: u16,
+        headers: &'a HeaderMap,
+        body: Option<&'a [u8]>,
+    },
+}
+
+impl Input<'_> {
+    /// The canonical rendering the model reads.
+    pub fn render(&self, selected: &[HeaderName]) -> Vec<u8> {
+        match *self {
+            Input::Request {
+                method,
+                path,
+                headers,
+                body,
+            } => render_request(method, path, headers, selected, body),
+            Input::Response {
+                status,
+                headers,
+                body,
+            } => render_response(status, headers, selected, body),
+        }
+    }
+
+    /// The score cache's key: the SHA-256 of what the rendering is made from (the raw
+    /// body, not its canonical form), so a repeated input is found without parsing and
+    /// re-serialising its body. Equal inputs render alike, so the key is as exact as one
+    /// over the rendering; only inputs that differ in JSON spacing or key order, which
+    /// render alike, get separate entries.
+    pub fn cache_key(&self, selected: &[HeaderName]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let (headers, body) = match *self {
+            Input::Request {
+                method,
+                path,
+                headers,
+                body,
+            } => {
+                h.update(b"request\n");
+                h.update(method.as_str().as_bytes());
+                h.update(b" ");
+                h.update(path.as_bytes());
+                (headers, body)
+            }
+            Input::Response {
+                status,
+                headers,
+                body,
+            } => {
+                h.update(b"response\n");
+                h.update(status.to_be_bytes());
+                (headers, body)
+            }
+        };
+        for name in selected {
+            if let Some(value) = headers.get(name) {
+                // Lengths first, so that no two inputs hash alike by where a field ends.
+                h.update((name.as_str().len() as u64).to_be_bytes());
+                h.update(name.as_str().as_bytes());
+                h.update((value.len() as u64).to_be_bytes());
+                h.update(value.as_bytes());
+            } else {
+                h.update(u64::MAX.to_be_bytes());
+            }
+        }
+        match body {
+            Some(body) => {
+                h.update((body.len() as u64).to_be_bytes());
+                h.update(body);
+            }
+            None => h.update(u64::MAX.to_be_bytes()),
+        }
+        h.finalize().into()
+    }
+}
 
 /// Renders a request canonically.
 pub fn render_request(
@@ -157,6 +244,55 @@ mod tests {
         assert_eq!(
             render_request(&Method::GET, "/x", &h, &[], None),
             b"GET /x\n\n"
+        );
+    }
+
+    #[test]
+    fn cache_keys_tell_inputs_apart_that_render_differently() {
+        let selected = [HeaderName::from_static("x-user-role")];
+        let mut admin = HeaderMap::new();
+        admin.insert("x-user-role", "admin".parse().unwrap());
+        let mut intern = HeaderMap::new();
+        intern.insert("x-user-role", "intern".parse().unwrap());
+        let req = |headers, body: &'static [u8]| Input::Request {
+            method: &Method::POST,
+            path: "/x",
+            headers,
+            body: Some(body),
+        };
+        let a = req(&admin, br#"{"a":1}"#).cache_key(&selected);
+        assert_eq!(a, req(&admin, br#"{"a":1}"#).cache_key(&selected));
+        assert_ne!(
+            a,
+            req(&intern, br#"{"a":1}"#).cache_key(&selected),
+            "the role"
+        );
+        assert_ne!(
+            a,
+            req(&admin, br#"{"a":2}"#).cache_key(&selected),
+            "the body"
+        );
+        let none = HeaderMap::new();
+        let response = Input::Response {
+            status: 200,
+            headers: &none,
+            body: Some(br#"{"a":1}"#),
+        };
+        assert_ne!(
+            a,
+            response.cache_key(&selected),
+            "a response is not a request"
+        );
+        assert_ne!(
+            req(&none, b"").cache_key(&selected),
+            Input::Request {
+                method: &Method::POST,
+                path: "/x",
+                headers: &none,
+                body: None
+            }
+            .cache_key(&selected),
+            "no body is not an empty body"
         );
     }
 

@@ -21,7 +21,7 @@ use metrics::{counter, histogram, Counter, Histogram};
 use serde::{Deserialize, Serialize};
 
 use super::batcher::{BatchObserver, Batcher, BatcherConfig, InferError};
-use super::cache::{self, ScoreCache};
+use super::cache::ScoreCache;
 use super::features;
 use crate::metrics::{
     COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_BATCH_SIZE, INFERENCE_CACHE_TOTAL,
@@ -344,13 +344,12 @@ impl AcgeFilter {
         headers: &http::HeaderMap,
         body: Option<&[u8]>,
     ) -> Result<Compliance, InferError> {
-        self.score(&features::render_request(
+        self.score(features::Input::Request {
             method,
             path,
             headers,
-            &self.headers,
             body,
-        ))
+        })
         .await
     }
 
@@ -358,9 +357,10 @@ impl AcgeFilter {
         &self.principles
     }
 
-    /// Scores one rendering: from the cache, or through the batcher.
-    async fn score(&self, rendering: &[u8]) -> Result<Compliance, InferError> {
-        let key = cache::key(rendering);
+    /// Scores one input: from the cache (keyed on the raw input, so a hit renders
+    /// nothing), or rendered and run through the batcher.
+    async fn score(&self, input: features::Input<'_>) -> Result<Compliance, InferError> {
+        let key = input.cache_key(&self.headers);
         let row = match self.cache.get(&key) {
             Some(row) => {
                 self.cache_hits.increment(1);
@@ -370,7 +370,7 @@ impl AcgeFilter {
                 self.cache_misses.increment(1);
                 let row: Arc<[f32]> = self
                     .batcher
-                    .infer(features::encode(rendering, self.max_len))
+                    .infer(features::encode(&input.render(&self.headers), self.max_len))
                     .await?
                     .into();
                 self.cache.insert(key, row.clone());
@@ -451,14 +451,13 @@ impl Filter for RouteAcgeFilter {
         if !f.on_request {
             return Verdict::Continue;
         }
-        let rendering = features::render_request(
-            &ex.request.method,
-            ex.request.uri.path(),
-            &ex.request.headers,
-            &f.headers,
-            ex.request_body.as_deref(),
-        );
-        match f.score(&rendering).await {
+        let input = features::Input::Request {
+            method: &ex.request.method,
+            path: ex.request.uri.path(),
+            headers: &ex.request.headers,
+            body: ex.request_body.as_deref(),
+        };
+        match f.score(input).await {
             Ok(c) => {
                 // The version is not chosen yet; the score is recorded under `none`.
                 self.request[Version::NONE_INDEX].score.record(c.score);
@@ -508,14 +507,13 @@ impl Filter for RouteAcgeFilter {
         let (true, Some(version)) = (f.on_response, answer.upstream()) else {
             return Verdict::Continue;
         };
-        let rendering = features::render_response(
-            answer.status.as_u16(),
-            &answer.headers,
-            &f.headers,
-            answer.body.as_deref(),
-        );
+        let input = features::Input::Response {
+            status: answer.status.as_u16(),
+            headers: &answer.headers,
+            body: answer.body.as_deref(),
+        };
         let metrics = &self.response[version as usize];
-        match f.score(&rendering).await {
+        match f.score(input).await {
             Ok(c) => {
                 metrics.score.record(c.score);
                 metrics.decisions[Decision::of(&c) as usize].increment(1);

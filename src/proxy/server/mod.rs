@@ -7,8 +7,9 @@
 //!
 //! Limits, in the order a client meets them:
 //! - the listen backlog;
-//! - open connections (`max_connections`): at the limit the oldest idle connection is
-//!   closed to make room; with none idle the new one gets a canned 503 and is closed.
+//! - open connections (`max_connections`, and at most half the descriptor limit): at
+//!   the limit the oldest idle connection is closed to make room; with none idle the
+//!   new one gets a canned 503 and is closed.
 //!   When accepting fails for want of file descriptors, a reserved descriptor is let go
 //!   so the waiting connection can be accepted and closed, and the oldest idle
 //!   connection is shed: the listener keeps answering;
@@ -151,7 +152,18 @@ pub async fn serve<H, F>(
         .max_local_error_reset_streams(options.h2_max_local_resets)
         .max_header_list_size(u32::try_from(options.max_header_bytes * 4).unwrap_or(u32::MAX));
 
-    let conns = Conns::new(options.max_connections, options.max_requests_in_flight);
+    let ceiling = connection_ceiling();
+    if ceiling < options.max_connections {
+        tracing::info!(
+            configured = options.max_connections,
+            ceiling,
+            "fewer client connections than configured: half the descriptor limit"
+        );
+    }
+    let conns = Conns::new(
+        options.max_connections.min(ceiling),
+        options.max_requests_in_flight,
+    );
     let (phase, phase_rx) = watch::channel(Phase::Serving);
     // Let go when accepting runs out of descriptors, so the waiting connection can be
     // taken off the queue and closed rather than left to spin the loop.
@@ -226,12 +238,15 @@ pub async fn serve<H, F>(
             let (first_byte, idle) = limits;
             match tls {
                 None => {
-                    if tokio::time::timeout(first_byte, stream.readable())
-                        .await
-                        .is_err()
-                    {
-                        refused(Refusal::FirstByteTimeout);
-                        return;
+                    // `peek` waits for a byte (or the end) without taking it from hyper.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(first_byte, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return,
+                        Err(_) => {
+                            refused(Refusal::FirstByteTimeout);
+                            return;
+                        }
                     }
                     let served = builder.serve_connection(TokioIo::new(stream), service);
                     run(served, &conn, idle, phase, peer).await;
@@ -338,6 +353,25 @@ where
 {
     fn shut_down(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+/// Client connections one listener may hold: half the process's descriptor limit, so
+/// that upstream connections, files and the admin listener keep the other half and
+/// the process does not run out (it still copes when it does; see `serve`).
+fn connection_ceiling() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => usize::try_from(soft / 2).unwrap_or(usize::MAX),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Raises the process's descriptor limit to its hard limit (as Go's runtime does):
+/// a proxy's connections are its descriptors.
+pub fn raise_descriptor_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
 }
 
