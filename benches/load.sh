@@ -4,6 +4,7 @@
 #
 #   benches/load.sh                       # 3 rounds of 10 s each, writes docs/performance.md
 #   ROUNDS=5 DURATION=20 CONNS=128 benches/load.sh
+#   BASELINE_BIN=/path/to/older/acge-proxy benches/load.sh   # adds it as `baseline`
 #
 # Placement (2-core machine): the proxy under test, whichever it is, runs pinned to CPU 0
 # with WORKERS threads/processes (default 1); wrk and the upstream nginx share CPU 1.
@@ -21,6 +22,8 @@ WARMUP=${WARMUP:-2}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-docs/performance.md}
+# The block of $OUT this run replaces (`<!-- $MARK:begin -->` … `:end -->`).
+MARK=${MARK:-load.sh}
 
 . benches/lib.sh
 need_tools wrk nginx haproxy taskset python3
@@ -99,20 +102,28 @@ routes:
   - {name: auth, match: {path_prefix: /}, blue: blue, green: green, green_weight: 5}
 EOF
 
+sed 's/19300/19400/; s/19301/19401/' "$work/acge.yaml" > "$work/baseline.yaml"
+
 start upstream taskset -c "$LOAD_CPU" "$NGINX" -c "$work/upstream.conf" -p "$work"
 wait_port 19081; wait_port 19082
 start nginx taskset -c "$PROXY_CPU" "$NGINX" -c "$work/nginx.conf" -p "$work"
 start haproxy taskset -c "$PROXY_CPU" "$HAPROXY" -f "$work/haproxy.cfg"
 RUST_LOG=warn start acge taskset -c "$PROXY_CPU" "$BIN" run --config "$work/acge.yaml" --workers "$WORKERS"
 wait_port 19100; wait_port 19200; wait_port 19300
+if [ -n "${BASELINE_BIN:-}" ]; then
+  RUST_LOG=warn start baseline taskset -c "$PROXY_CPU" "$BASELINE_BIN" run --config "$work/baseline.yaml" --workers "$WORKERS"
+  wait_port 19400
+fi
 
 declare -A url=(
   [direct]=http://127.0.0.1:19081/api/v1/auth/acge/validate
   [nginx]=http://127.0.0.1:19100/api/v1/auth/acge/validate
   [haproxy]=http://127.0.0.1:19200/api/v1/auth/acge/validate
   [acge-proxy]=http://127.0.0.1:19300/api/v1/auth/acge/validate
+  [baseline]=http://127.0.0.1:19400/api/v1/auth/acge/validate
 )
 targets=(direct nginx haproxy acge-proxy)
+[ -z "${BASELINE_BIN:-}" ] || targets+=(baseline)
 
 # Every target must answer 200 before anything is measured.
 for t in "${targets[@]}"; do
@@ -121,7 +132,7 @@ for t in "${targets[@]}"; do
 done
 
 # CPU seconds (user + system) used so far by the processes of a target, from /proc.
-declare -A pattern=([nginx]="$work/nginx.conf" [haproxy]="$work/haproxy.cfg" [acge-proxy]="$work/acge.yaml")
+declare -A pattern=([nginx]="$work/nginx.conf" [haproxy]="$work/haproxy.cfg" [acge-proxy]="$work/acge.yaml" [baseline]="$work/baseline.yaml")
 cpu_ticks() {
   local t=$1 total=0 pid
   [ -n "${pattern[$t]:-}" ] || { echo 0; return; }
@@ -155,9 +166,9 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" <<'EOF'
+python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MARK" <<'EOF'
 import re, statistics, sys, datetime, platform, subprocess
-results, out, rounds, duration, conns, workers = sys.argv[1:]
+results, out, rounds, duration, conns, workers, mark = sys.argv[1:]
 def ms(s):
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
     v = float(m.group(1))
@@ -176,7 +187,7 @@ lines = [
     "| target | requests/s (median) | p50 ms | p99 ms | proxy CPU µs/request | acge-proxy req/s ratio | errors |",
     "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
 ]
-for t in ["direct", "nginx", "haproxy", "acge-proxy"]:
+for t in [t for t in ["direct", "nginx", "haproxy", "acge-proxy", "baseline"] if t in med]:
     rps, p50, p99, errs, cpu = med[t]
     ratio = acge[0] / rps
     cpu_s = "–" if cpu is None else f"{cpu:.1f}"
@@ -190,18 +201,22 @@ summary = (f"acge/nginx = {acge[0] / med['nginx'][0]:.2f}× requests/s, "
            f"acge/haproxy = {acge[0] / med['haproxy'][0]:.2f}× requests/s; "
            f"p99 {acge[2]:.3f} ms vs nginx {med['nginx'][2]:.3f} ms, haproxy {med['haproxy'][2]:.3f} ms; "
            f"CPU per request {acge[4]} µs vs nginx {med['nginx'][4]} µs, haproxy {med['haproxy'][4]} µs")
+if "baseline" in med:
+    summary += (f"; against the baseline binary: {acge[0] / med['baseline'][0]:.2f}× requests/s, "
+                f"CPU per request {acge[4]} vs {med['baseline'][4]} µs")
 table = "\n".join(lines)
-block = (f"<!-- load.sh:begin -->\n"
+block = (f"<!-- {mark}:begin -->\n"
          f"Run {datetime.date.today()} on {cpu or platform.machine()}: {rounds} rounds × {duration} s, "
          f"wrk -t1 -c{conns}, each proxy pinned to one core with {workers} worker(s), "
          f"95/5 blue/green, medians of the rounds.\n\n{table}\n\n{summary}\n"
-         f"<!-- load.sh:end -->")
+         f"<!-- {mark}:end -->")
 print("\n" + table + "\n\n" + summary)
 try:
     text = open(out).read()
 except FileNotFoundError:
-    text = "# Performance\n\n<!-- load.sh:begin -->\n<!-- load.sh:end -->\n"
-text = re.sub(r"<!-- load.sh:begin -->.*?<!-- load.sh:end -->", lambda _: block, text, flags=re.S)
+    text = "# Performance\n"
+pattern = re.compile(rf"<!-- {re.escape(mark)}:begin -->.*?<!-- {re.escape(mark)}:end -->", re.S)
+text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
 open(out, "w").write(text)
 print(f"\nwritten to {out}")
 EOF

@@ -362,10 +362,18 @@ filters:
                     .header("x-request-id", &id)
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
                     .unwrap();
-                match tokio::time::timeout(Duration::from_secs(2), c.request(req)).await {
-                    Ok(Ok(res)) if res.status() == StatusCode::OK => {
-                        answered.lock().unwrap().push(id)
-                    }
+                // Answered means the whole answer arrived: the log phase runs when the
+                // body ends, and its end is held back until the record is on disk.
+                let whole = async {
+                    let res = c.request(req).await.ok()?;
+                    let ok = res.status() == StatusCode::OK;
+                    let body = http_body_util::BodyExt::collect(res.into_body())
+                        .await
+                        .ok()?;
+                    (ok && !body.to_bytes().is_empty()).then_some(())
+                };
+                match tokio::time::timeout(Duration::from_secs(2), whole).await {
+                    Ok(Some(())) => answered.lock().unwrap().push(id),
                     _ => break,
                 }
             }

@@ -1,15 +1,21 @@
 //! The open connections of one listener: how many, which are idle and since when, the
 //! requests in flight over all of them, and closing the oldest idle one to make room.
 //!
-//! The table is touched when a connection opens or closes and when room must be made;
-//! a request only moves two atomic counters.
+//! The table is touched when a connection opens or closes, when room must be made, and
+//! by the listener's sweep for idle connections (a few times a second); a request only
+//! moves two atomic counters. A connection is asked to close through flags and a waker
+//! its task registers on each poll, so that watching costs a request no timer and no
+//! lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use tokio::sync::Notify;
+
+use crate::telemetry::{refused, Refusal};
 
 /// One connection, as the listener sees it.
 pub struct Conn {
@@ -18,21 +24,42 @@ pub struct Conn {
     /// Milliseconds since the table's origin at which the connection last became idle
     /// (its last request ended, or it opened).
     idle_since_ms: AtomicU64,
-    /// Asked to close (to make room, or by the idle timeout).
+    /// Asked to finish its requests and close (to make room, idle, or draining).
     closing: AtomicBool,
-    pub(super) close: Notify,
+    /// Asked to close now (the drain timed out).
+    killed: AtomicBool,
+    /// The connection task's waker, registered on each poll.
+    waker: AtomicWaker,
     table: Arc<Table>,
 }
 
 impl Conn {
-    /// When the connection has been idle for `timeout`, or None while a request is in
-    /// flight.
-    pub(super) fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
+    /// Whether the connection has been idle (nothing in flight) for `timeout` at `now`.
+    fn idle_past(&self, timeout: Duration, now_ms: u64) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire))
+                >= timeout.as_millis() as u64
+    }
+
+    /// Asks the connection to finish what it is doing and close; counts why, once.
+    fn ask_to_close(&self, why: Option<Refusal>) -> bool {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return false;
         }
-        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        Some(self.table.origin + since + timeout)
+        if let Some(why) = why {
+            refused(why);
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// For the connection's task: registers its waker, then says what is asked of it.
+    pub(super) fn watch(&self, waker: &std::task::Waker) -> (bool, bool) {
+        self.waker.register(waker);
+        (
+            self.closing.load(Ordering::Acquire),
+            self.killed.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -142,7 +169,8 @@ impl Conns {
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(table.now_ms()),
             closing: AtomicBool::new(false),
-            close: Notify::new(),
+            killed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             table: table.clone(),
         });
         table
@@ -165,25 +193,49 @@ impl Conns {
         Some(InFlight { conn: conn.clone() })
     }
 
+    fn all(&self) -> Vec<Arc<Conn>> {
+        let by_id = self.table.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
     /// Asks the connection that has been idle longest to close; false when none is
     /// idle.
     pub fn shed_oldest_idle(&self) -> bool {
-        let by_id = self.table.by_id.lock().unwrap_or_else(|e| e.into_inner());
-        let oldest = by_id
-            .values()
-            .filter_map(std::sync::Weak::upgrade)
+        let oldest = self
+            .all()
+            .into_iter()
             .filter(|c| {
                 c.in_flight.load(Ordering::Acquire) == 0 && !c.closing.load(Ordering::Acquire)
             })
             .min_by_key(|c| c.idle_since_ms.load(Ordering::Acquire));
-        drop(by_id);
-        match oldest {
-            Some(conn) => {
-                conn.closing.store(true, Ordering::Release);
-                conn.close.notify_one();
-                true
+        oldest.is_some_and(|conn| conn.ask_to_close(Some(Refusal::ShedIdle)))
+    }
+
+    /// Asks every connection idle for `timeout` to close.
+    pub fn sweep(&self, timeout: Duration) {
+        let now = self.table.now_ms();
+        for conn in self.all() {
+            if conn.idle_past(timeout, now) {
+                conn.ask_to_close(Some(Refusal::IdleTimeout));
             }
-            None => false,
+        }
+    }
+
+    /// Asks every connection to finish its requests and close (the drain).
+    pub fn close_all(&self) {
+        for conn in self.all() {
+            conn.ask_to_close(None);
+        }
+    }
+
+    /// Closes every connection now (the drain timed out).
+    pub fn kill_all(&self) {
+        for conn in self.all() {
+            conn.killed.store(true, Ordering::Release);
+            conn.waker.wake();
         }
     }
 
@@ -215,18 +267,18 @@ mod tests {
             conns.admit(a.conn()).is_none(),
             "third request over the limit"
         );
-        assert!(
-            a.conn().idle_deadline(Duration::from_secs(1)).is_none(),
-            "busy"
-        );
+        let later = conns.table.now_ms() + 10_000;
+        assert!(!a.conn().idle_past(Duration::from_secs(1), later), "busy");
         drop(first);
         assert!(
-            a.conn().idle_deadline(Duration::from_secs(1)).is_none(),
+            !a.conn().idle_past(Duration::from_secs(1), later),
             "still busy"
         );
         drop(second);
-        let deadline = a.conn().idle_deadline(Duration::from_secs(1)).unwrap();
-        assert!(deadline > Instant::now());
+        assert!(a.conn().idle_past(Duration::from_secs(1), later));
+        assert!(!a
+            .conn()
+            .idle_past(Duration::from_secs(1), conns.table.now_ms()));
         assert_eq!(conns.in_flight(), 0);
         assert!(conns.admit(a.conn()).is_some());
     }

@@ -39,7 +39,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 pub use conns::{Conns, InFlight};
@@ -118,15 +117,6 @@ pub fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// Where a listener is in its life: serving, draining (finish in-flight requests, take
-/// no new ones), or stopped (close whatever is left).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Serving,
-    Draining,
-    Stopped,
-}
-
 /// Serves connections from `listener` until `shutdown` resolves, then drains.
 pub async fn serve<H, F>(
     listener: TcpListener,
@@ -164,7 +154,21 @@ pub async fn serve<H, F>(
         options.max_connections.min(ceiling),
         options.max_requests_in_flight,
     );
-    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    let sweeper = tokio::spawn({
+        let conns = conns.clone();
+        // Often enough that no connection outlives its idle timeout by much.
+        let every =
+            (options.idle_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let idle = options.idle_timeout;
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                conns.sweep(idle);
+            }
+        }
+    });
     // Let go when accepting runs out of descriptors, so the waiting connection can be
     // taken off the queue and closed rather than left to spin the loop.
     let mut reserve = std::fs::File::open("/dev/null").ok();
@@ -230,12 +234,10 @@ pub async fn serve<H, F>(
         };
         let builder = builder.clone();
         let tls = options.tls.clone();
-        let limits = (options.first_byte_timeout, options.idle_timeout);
-        let phase = phase_rx.clone();
+        let first_byte = options.first_byte_timeout;
         tokio::spawn(async move {
             let _registered = registered;
             let conn = _registered.conn().clone();
-            let (first_byte, idle) = limits;
             match tls {
                 None => {
                     // `peek` waits for a byte (or the end) without taking it from hyper.
@@ -249,7 +251,7 @@ pub async fn serve<H, F>(
                         }
                     }
                     let served = builder.serve_connection(TokioIo::new(stream), service);
-                    run(served, &conn, idle, phase, peer).await;
+                    run(served, &conn, peer).await;
                 }
                 Some(acceptor) => {
                     let stream =
@@ -265,75 +267,47 @@ pub async fn serve<H, F>(
                             }
                         };
                     let served = builder.serve_connection(TokioIo::new(stream), service);
-                    run(served, &conn, idle, phase, peer).await;
+                    run(served, &conn, peer).await;
                 }
             }
         });
     }
     drop(listener);
-    let _ = phase.send(Phase::Draining);
+    conns.close_all();
     if tokio::time::timeout(options.drain_timeout, conns.closed())
         .await
         .is_err()
     {
         tracing::warn!(after = ?options.drain_timeout, open = conns.open(), "drain timed out; closing the remaining connections");
-        let _ = phase.send(Phase::Stopped);
+        conns.kill_all();
     }
+    sweeper.abort();
 }
 
-/// Drives one connection until it ends, closing it gracefully when it has been idle
-/// too long, when the listener needs its room, or when the listener drains; and at
-/// once when the listener stops.
-async fn run<C>(
-    served: C,
-    conn: &std::sync::Arc<conns::Conn>,
-    idle_timeout: Duration,
-    mut phase: watch::Receiver<Phase>,
-    peer: SocketAddr,
-) where
+/// Drives one connection until it ends, closing it gracefully when the listener asks
+/// (idle too long, its room needed, the drain) and at once when the drain times out.
+/// The asking is two flags and the waker this registers on each poll: no timer or lock
+/// per request.
+async fn run<C>(served: C, conn: &std::sync::Arc<conns::Conn>, peer: SocketAddr)
+where
     C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulShutdown,
 {
     let mut served = std::pin::pin!(served);
     let mut closing = false;
-    loop {
-        let deadline = conn
-            .idle_deadline(idle_timeout)
-            .unwrap_or_else(|| std::time::Instant::now() + idle_timeout);
-        tokio::select! {
-            result = served.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            () = tokio::time::sleep_until(deadline.into()), if !closing => {
-                let idle_past = conn
-                    .idle_deadline(idle_timeout)
-                    .is_some_and(|d| d <= std::time::Instant::now());
-                if idle_past {
-                    refused(Refusal::IdleTimeout);
-                    served.as_mut().shut_down();
-                    closing = true;
-                }
-            }
-            () = conn.close.notified(), if !closing => {
-                refused(Refusal::ShedIdle);
-                served.as_mut().shut_down();
-                closing = true;
-            }
-            changed = phase.changed() => {
-                let now = if changed.is_ok() { *phase.borrow() } else { Phase::Stopped };
-                match now {
-                    Phase::Serving => {}
-                    Phase::Draining if !closing => {
-                        served.as_mut().shut_down();
-                        closing = true;
-                    }
-                    Phase::Draining => {}
-                    Phase::Stopped => return,
-                }
-            }
+    let result = std::future::poll_fn(|cx| {
+        let (asked_to_close, killed) = conn.watch(cx.waker());
+        if killed {
+            return std::task::Poll::Ready(Ok(()));
         }
+        if asked_to_close && !closing {
+            served.as_mut().shut_down();
+            closing = true;
+        }
+        served.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

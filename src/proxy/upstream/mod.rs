@@ -145,7 +145,9 @@ impl Cluster {
         };
         tokio::pin!(exchange);
         let timeout = async {
-            let _ = uploaded.await;
+            if let Some(uploaded) = uploaded {
+                let _ = uploaded.await;
+            }
             tokio::time::sleep(self.timeout).await;
         };
         let (res, release) = tokio::select! {
@@ -374,17 +376,18 @@ struct UploadBody {
 }
 
 impl UploadBody {
-    fn watch(body: Body) -> (Body, oneshot::Receiver<()>) {
-        let (done, uploaded) = oneshot::channel();
+    /// The body to send, and what resolves once it has been sent (None: it already
+    /// has, being empty).
+    fn watch(body: Body) -> (Body, Option<oneshot::Receiver<()>>) {
         if body.is_end_stream() {
-            let _ = done.send(());
-            return (body, uploaded);
+            return (body, None);
         }
+        let (done, uploaded) = oneshot::channel();
         let watched = UploadBody {
             body,
             done: Some(done),
         };
-        (watched.boxed_unsync(), uploaded)
+        (watched.boxed_unsync(), Some(uploaded))
     }
 }
 
