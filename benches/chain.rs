@@ -30,7 +30,7 @@ fn headers() -> HeaderMap {
 }
 
 /// One exchange through every phase, as the proxy drives it.
-async fn exchange(chain: &Chain, route: &Arc<str>, id: &Arc<str>) {
+async fn exchange(chain: &Chain, route: &Arc<str>, id: &acge_filters::RequestId) {
     let mut ex = Exchange::new(
         route.clone(),
         id.clone(),
@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let route: Arc<str> = "auth".into();
-    let id: Arc<str> = "8f7791b1-f084-4fec-ad61-face80955679".into();
+    let id = acge_filters::RequestId::from("8f7791b1-f084-4fec-ad61-face80955679");
     let mut group = c.benchmark_group("chain");
     let empty = Chain::new(vec![]);
     group.bench_function("empty", |b| {

@@ -47,6 +47,53 @@ impl Version {
     }
 }
 
+/// A request's id: 1–200 visible ASCII characters, kept as the header value it travels
+/// in (so that the id costs no copy), readable as a `&str`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(http::HeaderValue);
+
+impl RequestId {
+    /// The id in `value`, when it is one (1–200 visible ASCII characters).
+    pub fn new(value: http::HeaderValue) -> Option<Self> {
+        let ok = !value.is_empty()
+            && value.len() <= 200
+            && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        ok.then_some(Self(value))
+    }
+
+    /// The id as the header value it is sent in.
+    pub fn header(&self) -> &http::HeaderValue {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0
+            .to_str()
+            .expect("a RequestId holds visible ASCII only")
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&'static str> for RequestId {
+    /// For tests and fixed ids; panics on an id that is not visible ASCII.
+    fn from(id: &'static str) -> Self {
+        Self::new(http::HeaderValue::from_static(id)).expect("a visible-ASCII request id")
+    }
+}
+
 /// The request as it will be forwarded. A request phase may change any of it.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -133,8 +180,8 @@ pub struct Findings {
 #[derive(Debug)]
 pub struct Exchange {
     pub route: Arc<str>,
-    /// The request id (visible ASCII), as sent upstream and returned to the client.
-    pub request_id: Arc<str>,
+    /// The request id, as sent upstream and returned to the client.
+    pub request_id: RequestId,
     /// When the request head arrived.
     pub started: Instant,
     /// The request as it will be forwarded; the request phases may change it.
@@ -160,7 +207,7 @@ pub struct Exchange {
 impl Exchange {
     pub fn new(
         route: Arc<str>,
-        request_id: Arc<str>,
+        request_id: RequestId,
         started: Instant,
         request: RequestHead,
     ) -> Self {

@@ -21,6 +21,6 @@ pub use chain::{
     answer_of, json_error, json_response, Chain, Filter, LocalResponse, LogError, Verdict,
 };
 pub use exchange::{
-    Answer, Attributes, Compliance, End, Ending, Exchange, Findings, RequestHead, Source, Version,
-    CLIENT_CLOSED_REQUEST,
+    Answer, Attributes, Compliance, End, Ending, Exchange, Findings, RequestHead, RequestId,
+    Source, Version, CLIENT_CLOSED_REQUEST,
 };

@@ -37,7 +37,7 @@ pub(super) async fn run(
     req: Request<Incoming>,
     peer: SocketAddr,
     in_flight: InFlight,
-) -> Response<Body> {
+) -> Response<LoggedBody> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let request_id = ingress::request_id(&parts.headers);
@@ -52,12 +52,10 @@ pub(super) async fn run(
                     let fwd = Forwarded {
                         client: peer.ip(),
                         proto: proxy.forwarded_proto.clone(),
-                        request_id: request_id.clone(),
+                        request_id: request_id.header().clone(),
                     };
-                    let id = request_id
-                        .to_str()
-                        .expect("ingress keeps only visible-ASCII request ids");
-                    let mut ex = Exchange::new(route.name.clone(), id.into(), started, head);
+                    let mut ex =
+                        Exchange::new(route.name.clone(), request_id.clone(), started, head);
                     if !route.allows_override {
                         ingress::strip_override(&mut ex.request.headers);
                     }
@@ -77,17 +75,23 @@ pub(super) async fn run(
         }
         Err(e) => unrouted(e),
     };
-    res.headers_mut().insert(X_REQUEST_ID, request_id);
+    res.headers_mut()
+        .insert(X_REQUEST_ID, request_id.header().clone());
     res
 }
 
 /// A refusal before any route was chosen: counted under `route=""`.
-fn unrouted(e: ProxyError) -> Response<Body> {
+fn unrouted(e: ProxyError) -> Response<LoggedBody> {
     telemetry::unrouted(e.status().as_u16());
-    body::local(e.into_response())
+    body::local(e.into_response()).map(LoggedBody::from)
 }
 
-async fn exchange(proxy: &Proxy, mut finish: Finish, body: Body, fwd: Forwarded) -> Response<Body> {
+async fn exchange(
+    proxy: &Proxy,
+    mut finish: Finish,
+    body: Body,
+    fwd: Forwarded,
+) -> Response<LoggedBody> {
     let route = finish.route.clone();
     let declared = declared_length(&finish.ex.request.headers);
     let bounds = Bounds {
@@ -212,7 +216,7 @@ async fn answer(
     mut finish: Finish,
     mut answer: Answer,
     upstream: Option<Upstream>,
-) -> Response<Body> {
+) -> Response<LoggedBody> {
     let route = finish.route.clone();
     let (mut streaming, blue_tap) = match upstream {
         Some((body, tap)) => (Some(body), tap),
@@ -268,7 +272,7 @@ async fn answer(
             body: answer.body.clone(),
         });
     }
-    let mut res = Response::new(body::empty_body());
+    let mut res = Response::new(());
     *res.status_mut() = answer.status;
     *res.headers_mut() = std::mem::take(&mut answer.headers);
     let body = match (&answer.body, answer.source, streaming) {
@@ -284,8 +288,7 @@ async fn answer(
     if body.is_end_stream() {
         // Nothing to hold back: the exchange ends before its head goes out.
         finish.end_now().await;
-        return res;
+        return res.map(|()| LoggedBody::from(body));
     }
-    *res.body_mut() = LoggedBody::new(body, finish).boxed_unsync();
-    res
+    res.map(|()| LoggedBody::new(body, finish))
 }

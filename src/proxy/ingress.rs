@@ -12,7 +12,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 
-use acge_filters::RequestHead;
+use acge_filters::{RequestHead, RequestId};
 
 use super::error::ProxyError;
 use super::path;
@@ -155,23 +155,18 @@ pub fn strip_override(headers: &mut HeaderMap) {
 
 /// The client's request id when it is 1–200 visible ASCII characters, else a new one
 /// (a UUID): an id that could not be logged as it was sent is no id.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(X_REQUEST_ID) {
-        Some(id)
-            if !id.is_empty()
-                && id.len() <= 200
-                && id.as_bytes().iter().all(|b| b.is_ascii_graphic()) =>
-        {
-            id.clone()
-        }
-        _ => new_request_id(),
-    }
+pub fn request_id(headers: &HeaderMap) -> RequestId {
+    headers
+        .get(X_REQUEST_ID)
+        .and_then(|id| RequestId::new(id.clone()))
+        .unwrap_or_else(new_request_id)
 }
 
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> RequestId {
     let mut buf = uuid::Uuid::encode_buffer();
     let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(id).expect("a hyphenated UUID is a valid header value")
+    RequestId::new(HeaderValue::from_str(id).expect("a hyphenated UUID is a valid header value"))
+        .expect("a hyphenated UUID is visible ASCII")
 }
 
 #[cfg(test)]
@@ -269,7 +264,7 @@ mod tests {
     fn request_ids_must_be_visible_ascii() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
+        assert_eq!(request_id(&h).as_str(), "abc-123");
         h.insert(
             X_REQUEST_ID,
             HeaderValue::from_bytes("ключ".as_bytes()).unwrap(),
@@ -277,6 +272,6 @@ mod tests {
         let id = request_id(&h);
         assert_eq!(id.len(), 36, "a new UUID replaces it: {id:?}");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&h), "has space");
+        assert_ne!(request_id(&h).as_str(), "has space");
     }
 }

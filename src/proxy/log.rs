@@ -124,8 +124,10 @@ enum State {
     Done,
 }
 
-/// An answer's body that ends its exchange when it ends.
-pub(super) struct LoggedBody {
+/// The body of every answer the proxy sends: when it belongs to an exchange still to
+/// end, it ends it when it ends. (One type for both, so that the proxy's answers are
+/// not boxed twice.)
+pub struct LoggedBody {
     body: Body,
     state: State,
 }
@@ -137,7 +139,19 @@ impl LoggedBody {
             state: State::Streaming(finish),
         }
     }
+}
 
+impl From<Body> for LoggedBody {
+    /// A body that ends nothing (an answer made before any exchange began).
+    fn from(body: Body) -> Self {
+        Self {
+            body,
+            state: State::Done,
+        }
+    }
+}
+
+impl LoggedBody {
     fn start_end(&mut self, ending: Ending, held: Option<Frame<Bytes>>) -> Option<Frame<Bytes>> {
         let State::Streaming(mut finish) = std::mem::replace(&mut self.state, State::Done) else {
             return held;
@@ -204,7 +218,8 @@ impl hyper::body::Body for LoggedBody {
                         Ok(()) => Poll::Ready(held.map(Ok)),
                     };
                 }
-                State::Done => return Poll::Ready(None),
+                // Nothing (more) to end: the body as it is.
+                State::Done => return Pin::new(&mut this.body).poll_frame(cx),
             }
         }
     }

@@ -31,6 +31,7 @@ use hyper::body::Incoming;
 use body::Budget;
 pub use body::{empty_body, full, full_body, local, Body, BoxError};
 use ingress::Ingress;
+pub use log::LoggedBody;
 use route::RouteTable;
 use server::InFlight;
 
@@ -67,7 +68,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
         in_flight: InFlight,
-    ) -> Response<Body> {
+    ) -> Response<LoggedBody> {
         exchange::run(self, req, peer, in_flight).await
     }
 

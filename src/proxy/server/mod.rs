@@ -118,14 +118,16 @@ pub fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then drains.
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     options: ServerOptions,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr, InFlight) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + From<Body> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -221,7 +223,8 @@ pub async fn serve<H, F>(
                                 "too many requests in flight; try again shortly",
                             )
                             .into_response(),
-                        ))
+                        )
+                        .map(B::from))
                     }
                 };
                 async move {

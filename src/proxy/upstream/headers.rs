@@ -67,6 +67,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the client's address to `x-forwarded-for`, folding any earlier hops into one
 /// comma-separated value.
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR, client_value(client));
+        return;
+    }
     let ip = client.to_canonical().to_string();
     let mut value = String::new();
     for earlier in headers.get_all(&X_FORWARDED_FOR) {
@@ -79,6 +83,28 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
+}
+
+/// The address as a header value. A sidecar's clients come from a few addresses, so
+/// each worker thread keeps the last one it made: the common request costs no
+/// formatting and no allocation here.
+fn client_value(client: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((ip, value)) if *ip == client => value.clone(),
+            _ => {
+                let value = HeaderValue::from_str(&client.to_canonical().to_string())
+                    .expect("an IP address is a valid header value");
+                *last = Some((client, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// The size of a header block as HTTP/1.1 would send it (`name: value\r\n`).
