@@ -31,7 +31,10 @@ demo_pid=$(pgrep -f -- "--dir $work/demo" | head -1)
 cat > "$work/count.lua" <<'EOF'
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
-local n, counts = 0, {}
+local n = 0
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+init = function(args) counts = {} end
 request = function()
   n = n + 1
   return wrk.format(nil, nil, nil, '{"actor":"user-' .. (n % 5000) .. '","action":"read","target":"own profile","n":' .. n .. '}')
@@ -40,8 +43,12 @@ response = function(status, headers, body)
   counts[status] = (counts[status] or 0) + 1
 end
 done = function(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for s, c in pairs(t:get("counts")) do total[s] = (total[s] or 0) + c end
+  end
   io.write("STATUS")
-  for s, c in pairs(counts) do io.write(string.format(" %d=%d", s, c)) end
+  for s, c in pairs(total) do io.write(string.format(" %d=%d", s, c)) end
   io.write("\n")
 end
 EOF
@@ -67,8 +74,8 @@ for phase in normal flood; do
   wait $sampler
   echo "$out"
   status=$(grep '^STATUS' <<<"$out")
-  ok=$(grep -o ' 200=[0-9]*' <<<"$status" | cut -d= -f2); ok=${ok:-0}
-  busy=$(grep -o ' 503=[0-9]*' <<<"$status" | cut -d= -f2); busy=${busy:-0}
+  ok=$(grep -o ' 200=[0-9]*' <<<"$status" | cut -d= -f2 || true); ok=${ok:-0}
+  busy=$(grep -o ' 503=[0-9]*' <<<"$status" | cut -d= -f2 || true); busy=${busy:-0}
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   other=$(( total - ok - busy ))
   socket=$(awk '/Socket errors:/ {print $3 $4 " " $5 $6 " " $7 $8 " " $9 $10}' <<<"$out")

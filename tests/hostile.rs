@@ -271,6 +271,74 @@ async fn requests_beyond_the_in_flight_limit_get_a_fast_503_without_their_body_r
     assert!(refused(&scrape(&p).await, "requests") >= 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_beyond_the_limit_waits_for_a_slot_in_order_then_gets_503() {
+    // An upstream that answers after 300 ms.
+    let slow = scripted_upstream(|mut s| async move {
+        loop {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let p = start(
+        &config_with(
+            "waiting",
+            slow,
+            ", max_requests_in_flight: 1, admission_wait_ms: 1000",
+            "",
+            "",
+        ),
+        TokenSource::None,
+    )
+    .await;
+    let url = format!("http://{}/svc", p.proxy_addr);
+    // Three at once through one slot: the second waits 300 ms and the third 600 ms,
+    // both within the wait, so all three are served.
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            get(&client(), &url, &[]).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    // Eight at once: 8 × 300 ms is beyond the wait, so the last ones are refused.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move { get(&client(), &url, &[]).await }));
+    }
+    let mut served = 0;
+    let mut refused_503 = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => served += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(r.json()["error"], "overloaded");
+                refused_503 += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        served >= 3 && refused_503 >= 2,
+        "{served} served, {refused_503} refused"
+    );
+    assert_eq!(served + refused_503, 8);
+}
+
 /// A filter that wants the request body whole, so that the proxy buffers it.
 struct WantsBody;
 

@@ -142,10 +142,16 @@ pub struct ListenerConfig {
     /// with none idle a new one gets 503 `overloaded` and is closed.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
-    /// Requests in flight at most (all connections); beyond it 503 `overloaded` with
-    /// `Retry-After`, before the body is read.
+    /// Requests in flight at most (all connections); beyond it a request waits up to
+    /// `admission_wait_ms`, then gets 503 `overloaded` with `Retry-After`, before its
+    /// body is read.
     #[serde(default = "defaults::max_requests_in_flight")]
     pub max_requests_in_flight: usize,
+    /// A request beyond `max_requests_in_flight` waits this long for a slot, in arrival
+    /// order, before its 503: a flood of clients that retry at once is slowed to what
+    /// the proxy serves instead of being answered as fast as it asks. 0: refuse at once.
+    #[serde(default = "defaults::admission_wait_ms")]
+    pub admission_wait_ms: u64,
     /// Request bodies held whole at once (for filters and mirrors), in bytes, over all
     /// requests; beyond it 503 `overloaded`.
     #[serde(default = "defaults::max_buffered_bytes")]
@@ -371,6 +377,9 @@ mod defaults {
     }
     pub fn max_requests_in_flight() -> usize {
         4_096
+    }
+    pub fn admission_wait_ms() -> u64 {
+        500
     }
     pub fn max_buffered_bytes() -> u64 {
         256 * 1024 * 1024

@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderValue, RETRY_AFTER};
-use http::StatusCode;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::Full;
 
 use super::split::SplitError;
 use super::upstream::UpstreamError;
@@ -86,5 +88,39 @@ impl ProxyError {
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         res
+    }
+}
+
+/// The in-flight limit's answer: [`ProxyError::Overloaded`]'s, made from constants.
+/// Under a flood it is the answer sent most, and must cost next to nothing.
+pub fn too_many_in_flight() -> acge_filters::LocalResponse {
+    const BODY: &str =
+        r#"{"error":"overloaded","detail":"too many requests in flight; try again shortly"}"#;
+    let mut res = Response::new(Full::new(Bytes::from_static(BODY.as_bytes())));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    const TOO_MANY_IN_FLIGHT: &str = "too many requests in flight; try again shortly";
+
+    #[tokio::test]
+    async fn the_constant_overload_answer_is_the_errors_own() {
+        let made = ProxyError::Overloaded(TOO_MANY_IN_FLIGHT).into_response();
+        let constant = too_many_in_flight();
+        assert_eq!(made.status(), constant.status());
+        assert_eq!(made.headers(), constant.headers());
+        let body = |r: acge_filters::LocalResponse| async move {
+            let bytes = r.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+        };
+        assert_eq!(body(made).await, body(constant).await);
     }
 }

@@ -85,10 +85,11 @@ impl Drop for Registered {
     }
 }
 
-/// One admitted request: counted in flight (on its connection and the listener) until
-/// dropped, which the proxy does when the exchange ends.
+/// One admitted request: counted in flight (on its connection, and by a permit of the
+/// listener's) until dropped, which the proxy does when the exchange ends.
 pub struct InFlight {
     conn: Arc<Conn>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for InFlight {
@@ -99,7 +100,6 @@ impl Drop for InFlight {
                 .idle_since_ms
                 .store(table.now_ms(), Ordering::Release);
         }
-        table.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -107,7 +107,8 @@ struct Table {
     origin: Instant,
     next_id: AtomicU64,
     open: AtomicUsize,
-    in_flight: AtomicUsize,
+    /// Requests in flight, over all connections; waiters queue in arrival order.
+    slots: Arc<tokio::sync::Semaphore>,
     by_id: Mutex<HashMap<u64, std::sync::Weak<Conn>>>,
     empty: Notify,
 }
@@ -130,21 +131,24 @@ pub struct Conns {
     table: Arc<Table>,
     max_connections: usize,
     max_in_flight: usize,
+    wait: Duration,
 }
 
 impl Conns {
-    pub fn new(max_connections: usize, max_in_flight: usize) -> Self {
+    /// `wait`: how long a request beyond `max_in_flight` may wait for a slot.
+    pub fn new(max_connections: usize, max_in_flight: usize, wait: Duration) -> Self {
         Self {
             table: Arc::new(Table {
                 origin: Instant::now(),
                 next_id: AtomicU64::new(0),
                 open: AtomicUsize::new(0),
-                in_flight: AtomicUsize::new(0),
+                slots: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
                 by_id: Mutex::new(HashMap::new()),
                 empty: Notify::new(),
             }),
             max_connections,
             max_in_flight,
+            wait,
         }
     }
 
@@ -153,7 +157,7 @@ impl Conns {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.table.in_flight.load(Ordering::Acquire)
+        self.max_in_flight - self.table.slots.available_permits()
     }
 
     /// Whether one more connection fits under the limit.
@@ -181,16 +185,31 @@ impl Conns {
         Registered(conn)
     }
 
-    /// Counts a request in flight on `conn`, or None when the listener's limit is
-    /// reached.
+    /// Counts a request in flight on `conn` when a slot is free now, or None.
     pub fn admit(&self, conn: &Arc<Conn>) -> Option<InFlight> {
-        let table = &self.table;
-        if table.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
-            table.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
+        let permit = self.table.slots.clone().try_acquire_owned().ok()?;
+        Some(Self::in_flight_on(conn, permit))
+    }
+
+    /// As [`Conns::admit`], but waits for a slot (in arrival order) up to the
+    /// listener's wait. A waiting request costs nothing but its connection, so a flood
+    /// of clients that retry at once is slowed to what the proxy serves, instead of
+    /// being answered as fast as it can ask.
+    pub async fn admit_waiting(&self, conn: &Arc<Conn>) -> Option<InFlight> {
+        if let Some(admitted) = self.admit(conn) {
+            return Some(admitted);
         }
+        let slot = self.table.slots.clone().acquire_owned();
+        let permit = tokio::time::timeout(self.wait, slot).await.ok()?.ok()?;
+        Some(Self::in_flight_on(conn, permit))
+    }
+
+    fn in_flight_on(conn: &Arc<Conn>, permit: tokio::sync::OwnedSemaphorePermit) -> InFlight {
         conn.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some(InFlight { conn: conn.clone() })
+        InFlight {
+            conn: conn.clone(),
+            _permit: permit,
+        }
     }
 
     fn all(&self) -> Vec<Arc<Conn>> {
@@ -259,7 +278,7 @@ mod tests {
 
     #[test]
     fn requests_are_admitted_up_to_the_limit_and_idle_time_starts_when_they_end() {
-        let conns = Conns::new(10, 2);
+        let conns = Conns::new(10, 2, Duration::ZERO);
         let a = conns.register();
         let first = conns.admit(a.conn()).unwrap();
         let second = conns.admit(a.conn()).unwrap();
@@ -285,7 +304,7 @@ mod tests {
 
     #[test]
     fn the_oldest_idle_connection_is_shed_and_busy_ones_never() {
-        let conns = Conns::new(2, 100);
+        let conns = Conns::new(2, 100, Duration::ZERO);
         let old = conns.register();
         std::thread::sleep(Duration::from_millis(5));
         let newer = conns.register();

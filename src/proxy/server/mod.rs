@@ -15,8 +15,9 @@
 //!   connection is shed: the listener keeps answering;
 //! - the first byte (or the TLS handshake) within `first_byte_timeout`;
 //! - the request head within `header_read_timeout` (hyper's, from its first byte);
-//! - requests in flight (`max_requests_in_flight`): beyond it a 503 `overloaded` with
-//!   `Retry-After`, before the body is read;
+//! - requests in flight (`max_requests_in_flight`): beyond it a request waits for a
+//!   slot, in arrival order, up to `admission_wait_ms`, then gets a 503 `overloaded`
+//!   with `Retry-After`, before its body is read;
 //! - an idle connection (nothing in flight) closes after `idle_timeout`;
 //! - HTTP/2: concurrent streams and resets per connection.
 //!
@@ -62,6 +63,8 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub max_requests_in_flight: usize,
+    /// How long a request beyond `max_requests_in_flight` waits for a slot.
+    pub admission_wait: Duration,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
     pub h2_max_local_resets: usize,
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_requests_in_flight: 10_000,
+            admission_wait: Duration::ZERO,
             h2_max_concurrent_streams: 256,
             h2_max_pending_resets: 20,
             h2_max_local_resets: 1024,
@@ -99,6 +103,7 @@ impl ServerOptions {
             drain_timeout: ms(config.drain_timeout_ms),
             max_connections: config.max_connections,
             max_requests_in_flight: config.max_requests_in_flight,
+            admission_wait: ms(config.admission_wait_ms),
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
             h2_max_pending_resets: config.h2_max_pending_resets,
             h2_max_local_resets: config.h2_max_local_resets,
@@ -155,6 +160,7 @@ pub async fn serve<H, F, B>(
     let conns = Conns::new(
         options.max_connections.min(ceiling),
         options.max_requests_in_flight,
+        options.admission_wait,
     );
     let sweeper = tokio::spawn({
         let conns = conns.clone();
@@ -214,24 +220,14 @@ pub async fn serve<H, F, B>(
         let service = {
             let (handler, conns) = (handler.clone(), conns.clone());
             hyper::service::service_fn(move |req| {
-                let outcome = match conns.admit(&conn) {
-                    Some(guard) => Ok(handler(req, peer, guard)),
-                    None => {
-                        refused(Refusal::Requests);
-                        Err(crate::proxy::local(
-                            ProxyError::Overloaded(
-                                "too many requests in flight; try again shortly",
-                            )
-                            .into_response(),
-                        )
-                        .map(B::from))
-                    }
-                };
+                let (handler, conns, conn) = (handler.clone(), conns.clone(), conn.clone());
                 async move {
-                    Ok::<_, Infallible>(match outcome {
-                        Ok(answer) => answer.await,
-                        Err(refusal) => refusal,
-                    })
+                    let Some(guard) = conns.admit_waiting(&conn).await else {
+                        refused(Refusal::Requests);
+                        let refusal = crate::proxy::error::too_many_in_flight();
+                        return Ok::<_, Infallible>(crate::proxy::local(refusal).map(B::from));
+                    };
+                    Ok(handler(req, peer, guard).await)
                 }
             })
         };
