@@ -31,6 +31,7 @@ bench:
 	benches/load.sh
 	benches/chain-load.sh
 	benches/migration-load.sh
+	benches/flood.sh
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
 

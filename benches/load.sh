@@ -166,9 +166,9 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MARK" <<'EOF'
+python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MARK" "$PROXY_CPU" <<'EOF'
 import re, statistics, sys, datetime, platform, subprocess
-results, out, rounds, duration, conns, workers, mark = sys.argv[1:]
+results, out, rounds, duration, conns, workers, mark, proxy_cpu = sys.argv[1:]
 def ms(s):
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
     v = float(m.group(1))
@@ -207,7 +207,7 @@ if "baseline" in med:
 table = "\n".join(lines)
 block = (f"<!-- {mark}:begin -->\n"
          f"Run {datetime.date.today()} on {cpu or platform.machine()}: {rounds} rounds × {duration} s, "
-         f"wrk -t1 -c{conns}, each proxy pinned to one core with {workers} worker(s), "
+         f"wrk -t1 -c{conns}, each proxy with {workers} worker(s) on CPU {proxy_cpu}, "
          f"95/5 blue/green, medians of the rounds.\n\n{table}\n\n{summary}\n"
          f"<!-- {mark}:end -->")
 print("\n" + table + "\n\n" + summary)
