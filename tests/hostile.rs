@@ -598,7 +598,9 @@ async fn an_upstream_that_cuts_its_body_is_an_upstream_error_the_gates_see() {
             dir.path().display()
         ),
     )
-    .replace("green: up}", "green: up, filters: [audit]}");
+    // A body limit below the answer's length: blue's answer streams (a mirror's
+    // comparison would hold it whole; that case is below).
+    .replace("green: up}", "green: up, filters: [audit], max_body_bytes: 50}");
     let p = start(&yaml, TokenSource::Fixed(TOKEN.into())).await;
     let c = client();
     let req = http::Request::get(format!("http://{}/svc", p.proxy_addr))
@@ -606,7 +608,14 @@ async fn an_upstream_that_cuts_its_body_is_an_upstream_error_the_gates_see() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     let res = c.request(req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK, "the head had gone out");
+    if res.status() != StatusCode::OK {
+        use http_body_util::BodyExt;
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        panic!(
+            "not the upstream's head: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
     use http_body_util::BodyExt;
     assert!(
         res.into_body().collect().await.is_err(),
@@ -643,9 +652,36 @@ async fn an_upstream_that_cuts_its_body_is_an_upstream_error_the_gates_see() {
     assert_eq!(status["routes"]["cut"]["blue"]["errors"], 1, "{status}");
     let record = audit_records(dir.path())
         .into_iter()
-        .find(|r| r.request_id == "cut-1")
+        .find(|r| r.request_id == "cut-1" && r.decision != "shadow")
         .unwrap();
     assert_eq!((record.status, record.decision.as_str()), (502, "error"));
+
+    // Held whole (here for the shadow comparison), a cut body is a clean 502.
+    let dir = tempfile::tempdir().unwrap();
+    let held = start(
+        &yaml
+            .replace(", max_body_bytes: 50", "")
+            .replace(&dir_path_of(&yaml), &dir.path().display().to_string()),
+        TokenSource::Fixed(TOKEN.into()),
+    )
+    .await;
+    let r = get(&c, &format!("http://{}/svc", held.proxy_addr), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json()["error"], "upstream_body_cut");
+    let text = scrape(&held).await;
+    assert!(
+        sample(
+            &text,
+            r#"acge_upstream_errors_total{route="cut",version="blue",kind="body"}"#
+        ) >= Some(2.0),
+        "{text}"
+    );
+}
+
+/// The audit directory a test config names.
+fn dir_path_of(yaml: &str) -> String {
+    let at = yaml.find("audit: {dir: ").unwrap() + "audit: {dir: ".len();
+    yaml[at..].split(',').next().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,14 @@ migration:
         green_seen.try_recv().is_err(),
         "the refused request never reached green"
     );
+    // A request without a body is mirrored too (its length is known: none).
+    let r = get(&c, &url, &[("x-constitutional-hash", HASH)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let copy = tokio::time::timeout(Duration::from_secs(5), green_seen.recv())
+        .await
+        .expect("the bodyless GET was mirrored")
+        .unwrap();
+    assert_eq!(copy.method, "GET");
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -158,13 +158,19 @@ pub async fn read_whole(
                     refused(Refusal::BodyTimeout);
                     return Err(ProxyError::BodyTimeout(bounds.timeout));
                 }
-                return Err(ProxyError::BadBody(format!(
-                    "the upstream's body did not arrive within {:?}",
+                return Err(ProxyError::UpstreamBodyCut(format!(
+                    "it did not arrive within {:?}",
                     bounds.timeout
                 )));
             }
         };
-        let frame = frame.map_err(|e| ProxyError::BadBody(e.to_string()))?;
+        let frame = frame.map_err(|e| {
+            if bounds.upstream {
+                ProxyError::UpstreamBodyCut(e.to_string())
+            } else {
+                ProxyError::BadBody(e.to_string())
+            }
+        })?;
         if let Ok(data) = frame.into_data() {
             let len = (buf.len() + data.len()) as u64;
             if len > bounds.limit {

@@ -42,6 +42,8 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error("the response body is over the route's {limit} bytes")]
     ResponseTooLarge { limit: u64 },
+    #[error("the upstream's body failed before it was whole: {0}")]
+    UpstreamBodyCut(String),
 }
 
 impl ProxyError {
@@ -58,7 +60,9 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(e) => e.status(),
-            ProxyError::ResponseTooLarge { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTooLarge { .. } | ProxyError::UpstreamBodyCut(_) => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -77,6 +81,7 @@ impl ProxyError {
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::Upstream(e) => e.kind(),
             ProxyError::ResponseTooLarge { .. } => "upstream_response_too_large",
+            ProxyError::UpstreamBodyCut(_) => "upstream_body_cut",
         }
     }
 

@@ -127,12 +127,17 @@ async fn exchange(
     // Forked after the request phases: green gets the request as the filters left it,
     // and never one they refused.
     let mut blue_tap = None;
-    if let Some(start) = route.mirror.as_ref().and_then(|m| {
-        m.admit(
-            declared.or(finish.ex.request_body.as_ref().map(|b| b.len() as u64)),
-            route.max_body_bytes,
-        )
-    }) {
+    // The body's length, when it is known: held, declared, or none at all.
+    let body_length = match (&finish.ex.request_body, &streaming) {
+        (Some(bytes), _) => Some(bytes.len() as u64),
+        (None, Some(stream)) if stream.is_end_stream() => Some(0),
+        _ => declared,
+    };
+    if let Some(start) = route
+        .mirror
+        .as_ref()
+        .and_then(|m| m.admit(body_length, route.max_body_bytes))
+    {
         let bytes = match (&finish.ex.request_body, streaming.take()) {
             (Some(bytes), _) => bytes.clone(),
             (None, Some(stream)) => match read_whole(stream, declared, bounds, &proxy.budget).await

@@ -23,7 +23,9 @@ use tokio::sync::Semaphore;
 
 use crate::config::ShadowConfig;
 use crate::proxy::body::{full_body, read_whole, Bounds, Budget};
+use crate::proxy::error::ProxyError;
 use crate::proxy::route::{Mirror, Mirrored, Route, StartMirror};
+use crate::proxy::upstream::BODY_CUT;
 use crate::telemetry::{SHADOW_MISMATCH_TOTAL, SHADOW_REQUESTS_TOTAL};
 
 /// Marks a mirrored request, so that green (and its logs) can tell.
@@ -151,16 +153,26 @@ async fn mirror(
                 timeout: GREEN_BODY_WAIT,
                 upstream: true,
             };
-            let whole = read_whole(body, None, bounds, budget).await.ok();
-            Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body: whole.map(|(bytes, _)| bytes),
-                source: Source::Upstream(Version::Green),
+            match read_whole(body, None, bounds, budget).await {
+                Ok((bytes, _)) => Answer {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: Some(bytes),
+                    source: Source::Upstream(Version::Green),
+                },
+                // A body green cut (or one too large to compare) is green's failure,
+                // and its gates see it so.
+                Err(e) => {
+                    if matches!(e, ProxyError::UpstreamBodyCut(_)) {
+                        route.metrics.upstream_error(Version::Green, BODY_CUT);
+                    }
+                    acge_filters::answer_of(e.into_response())
+                }
             }
         }
         Err(e) => {
-            acge_filters::answer_of(crate::proxy::error::ProxyError::Upstream(e).into_response())
+            route.metrics.upstream_error(Version::Green, e.kind());
+            acge_filters::answer_of(ProxyError::Upstream(e).into_response())
         }
     };
     ex.response = Some(answer);

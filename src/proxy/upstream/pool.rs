@@ -120,32 +120,36 @@ impl Pool {
                     return self.connect_h1(endpoint, permit).await;
                 }
                 () = &mut returned => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    crate::telemetry::refused(crate::telemetry::Refusal::UpstreamPending);
-                    return Err(UpstreamError::Pending {
-                        cluster: self.cluster.clone(),
-                        max_connections: self.limits.max_connections,
-                        after: self.limits.max_pending,
-                    });
-                }
+                () = tokio::time::sleep_until(deadline) => return Err(self.pending()),
             }
         }
     }
 
     /// A fresh connection, for a request that may not meet a stale one again.
     pub(super) async fn fresh_h1(&self, endpoint: &Endpoint) -> Result<Checkout, UpstreamError> {
-        let permit = tokio::time::timeout(
+        let permit = self.permit().await?;
+        self.connect_h1(endpoint, permit).await
+    }
+
+    /// A permit for one more connection, waited for at most `max_pending`.
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        tokio::time::timeout(
             self.limits.max_pending,
             self.permits.clone().acquire_owned(),
         )
         .await
-        .map_err(|_| UpstreamError::Pending {
+        .map_err(|_| self.pending())
+        .map(|permit| permit.expect("the pool's semaphore is never closed"))
+    }
+
+    /// Every connection stayed busy for `max_pending`: counted, and the 503.
+    fn pending(&self) -> UpstreamError {
+        crate::telemetry::refused(crate::telemetry::Refusal::UpstreamPending);
+        UpstreamError::Pending {
             cluster: self.cluster.clone(),
             max_connections: self.limits.max_connections,
             after: self.limits.max_pending,
-        })?
-        .expect("the pool's semaphore is never closed");
-        self.connect_h1(endpoint, permit).await
+        }
     }
 
     fn idle(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<Body>> {
@@ -185,17 +189,7 @@ impl Pool {
         if let Some(sender) = endpoint.shared.load().as_deref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }
-        let permit = tokio::time::timeout(
-            self.limits.max_pending,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| UpstreamError::Pending {
-            cluster: self.cluster.clone(),
-            max_connections: self.limits.max_connections,
-            after: self.limits.max_pending,
-        })?
-        .expect("the pool's semaphore is never closed");
+        let permit = self.permit().await?;
         let stream = self.connect_tcp(endpoint).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
