@@ -43,6 +43,7 @@ async fn run(mode: CommitMode, writers: usize, records: usize) -> (f64, Duration
         segment_bytes: 64 << 20,
         queue: 8192,
         key_file: None,
+        origin: None,
     };
     let (log, _) = AuditLog::open(&config).unwrap();
     let start = Instant::now();

@@ -90,13 +90,24 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (up to the drain timeout), writes the
-    /// migration state, then writes what the audit log still holds and signs its last
-    /// checkpoint.
+    /// Stops accepting, drains in-flight requests (up to the drain timeout), lets the
+    /// log phases of every exchange finish (one the drain cut short is logged as
+    /// aborted), writes the migration state, then writes what the audit log still
+    /// holds and signs its last checkpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        // Bounded: a log phase that never returns must not keep the process up.
+        let settled = self.proxy.pending_logs().settled();
+        if tokio::time::timeout(std::time::Duration::from_secs(10), settled)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "log phases still under way at shutdown; closing the audit log without them"
+            );
         }
         if let Some(m) = &self.migration {
             m.flush().await;
@@ -205,6 +216,7 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         config: config.clone(),
         readiness: readiness.clone(),
         migration: controller.clone(),
+        audit: audit_log.clone(),
     })
     .router(options.admin_routes.clone());
 

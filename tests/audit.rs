@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use acge_filters::audit::segment::{read_frames, segments, FRAME_HEADER};
+use acge_filters::audit::segment::{entry, read_frames, segments, Entry, FRAME_HEADER};
 use acge_filters::audit::{AuditConfig, AuditLog, AuditRecord, CommitMode};
 use common::*;
 use http::StatusCode;
@@ -70,6 +70,7 @@ fn config(dir: &Path) -> AuditConfig {
         segment_bytes: 4096,
         queue: 64,
         key_file: None,
+        origin: None,
     }
 }
 
@@ -83,13 +84,24 @@ async fn write_log(dir: &Path, n: u64) {
     log.close().await;
 }
 
-/// (segment path, frame offsets) for every record, in order.
+/// (segment path, frame offset, payload length) for every record, in order.
 fn frames(dir: &Path) -> Vec<(PathBuf, u64, usize)> {
+    all_frames(dir)
+        .into_iter()
+        .filter(|(_, _, _, checkpoint)| !checkpoint)
+        .map(|(path, offset, len, _)| (path, offset, len))
+        .collect()
+}
+
+/// Every frame, records and checkpoints, in order: (segment, offset, length, is a
+/// checkpoint).
+fn all_frames(dir: &Path) -> Vec<(PathBuf, u64, usize, bool)> {
     let mut out = Vec::new();
     for (_, path) in segments(dir).unwrap() {
         let bytes = std::fs::read(&path).unwrap();
         for (offset, payload) in read_frames(&bytes).records {
-            out.push((path.clone(), offset, payload.len()));
+            let checkpoint = matches!(entry(payload), Entry::Checkpoint(_));
+            out.push((path.clone(), offset, payload.len(), checkpoint));
         }
     }
     out
@@ -115,7 +127,19 @@ async fn a_clean_log_verifies_and_spans_segments() {
     let (ok, text) = verify(dir.path());
     assert!(ok, "{text}");
     assert!(text.starts_with("OK: 45 records"), "{text}");
-    assert!(text.contains("5 checkpoints"), "{text}");
+    assert!(
+        text.contains("last checkpoint: size 45"),
+        "closing signs the tail: {text}"
+    );
+    assert!(
+        text.contains("trusted as found in the log directory"),
+        "without --key verify says whose key it trusted: {text}"
+    );
+    let checkpoints = all_frames(dir.path()).iter().filter(|f| f.3).count();
+    assert!(
+        checkpoints >= 5,
+        "every 10 records and at each rotation: {checkpoints}"
+    );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join("audit.key"))
         .unwrap()
@@ -175,17 +199,16 @@ async fn each_kind_of_tampering_fails_verify_and_is_placed() {
     file.set_len(offset + 5).unwrap();
     fails_naming(d.path(), &["record 29 ", "torn or cut"]);
 
-    // Whole records cut from the end: the checkpoint vouches for more than is there.
+    // A checkpoint frame taken out of the middle of the stream, and the records after
+    // it rewritten: the next checkpoint still signs them.
     let d = copy_dir(clean.path());
-    let (path, offset, _) = &f[25];
-    let path = d.path().join(path.file_name().unwrap());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(*offset)
-        .unwrap();
-    fails_naming(d.path(), &["covers 30 records but the log holds 25"]);
+    let middle = all_frames(clean.path()).into_iter().find(|f| f.3).unwrap();
+    let path = d.path().join(middle.0.file_name().unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.drain(middle.1 as usize..middle.1 as usize + FRAME_HEADER + middle.2);
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, text) = verify(d.path());
+    assert!(ok, "a checkpoint removed alone takes nothing away: {text}");
 
     // A record rewritten with a valid checksum and sequence: only the tree catches it.
     let d = copy_dir(clean.path());
@@ -200,7 +223,7 @@ async fn each_kind_of_tampering_fails_verify_and_is_placed() {
     let crc = crc32fast::hash(forged.as_bytes()).to_le_bytes();
     bytes[*offset as usize + 4..*offset as usize + 8].copy_from_slice(&crc);
     std::fs::write(&path, &bytes).unwrap();
-    fails_naming(d.path(), &["a record in 10..19 was changed"]);
+    fails_naming(d.path(), &["do not hash to the signed root", "was changed"]);
 }
 
 #[tokio::test]
@@ -242,7 +265,10 @@ async fn inclusion_proofs_round_trip_and_a_changed_record_fails() {
         !ok,
         "another log's key does not vouch for this checkpoint: {text}"
     );
-    assert!(text.contains("signature does not match"), "{text}");
+    assert!(
+        text.contains("no signature by") && text.contains("with the trusted key"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -265,7 +291,7 @@ async fn restart_cuts_a_torn_final_record_and_keeps_every_other() {
             .cut
             .as_deref()
             .unwrap_or("")
-            .contains("torn final record"),
+            .contains("torn final frame"),
         "{report:?}"
     );
     assert_eq!(

@@ -63,7 +63,9 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
         );
     }
     demo.proxy.shutdown().await;
-    let summary = acge_filters::audit::verify::verify(&dir.path().join("audit")).unwrap();
+    let summary =
+        acge_filters::audit::verify::verify(&dir.path().join("audit"), &Default::default())
+            .unwrap();
     let records = audit_records(&dir.path().join("audit"));
     let shadow = records.iter().filter(|r| r.decision == "shadow").count();
     assert_eq!(summary.records, 70 + shadow as u64);

@@ -422,7 +422,7 @@ async fn sync_audit_records_every_answered_exchange_before_it_is_answered() {
     assert!(sample(&text, "acge_audit_records_total").unwrap() >= 12.0);
     assert!(text.contains("acge_audit_commit_seconds_bucket"));
     p.shutdown().await;
-    let summary = acge_filters::audit::verify::verify(dir.path()).unwrap();
+    let summary = acge_filters::audit::verify::verify(dir.path(), &Default::default()).unwrap();
     assert_eq!(summary.records, 12);
     assert_eq!(summary.unsigned_tail, 0, "shutdown signs a last checkpoint");
 }

@@ -61,6 +61,7 @@ pub(super) async fn run(
                     }
                     let finish = Finish::new(Open {
                         route,
+                        pending: proxy.pending_logs.clone(),
                         ex,
                         status: StatusCode::OK,
                         _in_flight: in_flight,

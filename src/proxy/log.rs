@@ -27,9 +27,54 @@ use super::upstream::BODY_CUT;
 
 type LogFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 
+/// The log phases not yet done, so that shutdown can wait for them before the audit
+/// log closes: an exchange the drain cut short still gets its record.
+#[derive(Default)]
+pub struct PendingLogs {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl PendingLogs {
+    fn hold(self: &Arc<Self>) -> PendingLog {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PendingLog(self.clone())
+    }
+
+    /// Waits until every log phase begun has returned.
+    pub async fn settled(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// One log phase under way.
+struct PendingLog(Arc<PendingLogs>);
+
+impl Drop for PendingLog {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
 /// What the end of one exchange needs.
 pub(super) struct Open {
     pub(super) route: Arc<Route>,
+    pub(super) pending: Arc<PendingLogs>,
     pub(super) ex: Exchange,
     /// The status of the answer's head, as sent.
     pub(super) status: StatusCode,
@@ -90,9 +135,11 @@ impl Finish {
         if open.route.chain.is_empty() {
             return None;
         }
+        let pending = open.pending.hold();
         Some(Box::pin(async move {
             let result = open.route.chain.on_log(&open.ex).await;
             drop(open);
+            drop(pending);
             result
         }))
     }

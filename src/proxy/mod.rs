@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use body::Budget;
 pub use body::{empty_body, full, full_body, local, Body, BoxError};
 use ingress::Ingress;
-pub use log::LoggedBody;
+pub use log::{LoggedBody, PendingLogs};
 use route::RouteTable;
 use server::InFlight;
 
@@ -44,6 +44,7 @@ pub struct Proxy {
     budget: Arc<Budget>,
     body_timeout: Duration,
     forwarded_proto: HeaderValue,
+    pending_logs: Arc<PendingLogs>,
 }
 
 impl Proxy {
@@ -59,6 +60,7 @@ impl Proxy {
             } else {
                 "http"
             }),
+            pending_logs: Arc::new(PendingLogs::default()),
         }
     }
 
@@ -70,6 +72,11 @@ impl Proxy {
         in_flight: InFlight,
     ) -> Response<LoggedBody> {
         exchange::run(self, req, peer, in_flight).await
+    }
+
+    /// The log phases still under way (shutdown waits for them).
+    pub fn pending_logs(&self) -> &Arc<PendingLogs> {
+        &self.pending_logs
     }
 
     /// Bytes of request and response bodies held whole right now.

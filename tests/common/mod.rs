@@ -265,7 +265,11 @@ pub fn audit_records(dir: &std::path::Path) -> Vec<acge_filters::audit::AuditRec
     for (_, path) in acge_filters::audit::segment::segments(dir).unwrap() {
         let bytes = std::fs::read(path).unwrap();
         for (_, payload) in acge_filters::audit::segment::read_frames(&bytes).records {
-            out.push(serde_json::from_slice(payload).unwrap());
+            if let acge_filters::audit::segment::Entry::Record(record) =
+                acge_filters::audit::segment::entry(payload)
+            {
+                out.push(serde_json::from_slice(record).unwrap());
+            }
         }
     }
     out

@@ -10,7 +10,16 @@
 //!   queued (at most `queue` records); power loss also loses what was written since the
 //!   last checkpoint. A full queue makes `append` wait: nothing is dropped.
 //!
-//! On start the log is scanned: a torn final record (a crash mid-write) is reported and
+//! Checkpoints are signed notes (`note.rs`) appended to the segment itself, in the
+//! stream of records: after every `checkpoint_every` records (a batch never crosses
+//! one), every `checkpoint_interval_ms`, before each rotation, at start when records are
+//! unsigned, and at clean shutdown. The records a checkpoint covers are fsynced before
+//! it is written. Deleting checkpoints therefore means deleting frames between records,
+//! and the unsigned tail is at most `checkpoint_every` records (signed into each
+//! checkpoint as its `bound`). Logs from before (checkpoints in `checkpoints.log`) are
+//! read and continued: their old checkpoints still count, new ones go inline.
+//!
+//! On start the log is scanned: a torn final frame (a crash mid-write) is reported and
 //! cut off; any other damage stops the start, since cutting it would lose committed
 //! records.
 
@@ -22,14 +31,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::merkle::{leaf_hash, Frontier};
+use super::note::{self, TreeHead};
 use super::segment::{
-    frame, read_frames, segment_name, segments, AuditRecord, Checkpoint, CHECKPOINTS_FILE,
-    DEFAULT_KEY_FILE, PUBLIC_KEY_FILE,
+    entry, frame, read_frames, segment_name, segments, AuditRecord, Checkpoint, Entry,
+    CHECKPOINTS_FILE, DEFAULT_KEY_FILE, PUBLIC_KEY_FILE, VERIFIER_KEY_FILE,
 };
 use crate::metrics::{AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL};
 
@@ -64,6 +74,10 @@ pub struct AuditConfig {
     /// `DIR/audit.key`; in production keep it apart from the log (a Secret mount).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The log's name in its signed checkpoints (and the key's); default
+    /// `acge-proxy.audit/<the first 16 hex digits of the public key's SHA-256>`.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 mod defaults {
@@ -130,6 +144,8 @@ pub struct AuditLog {
     dir: PathBuf,
     /// Set by the writer while its writes fail, cleared by the next one that succeeds.
     failing: Arc<AtomicBool>,
+    /// The latest signed checkpoint (a note), for `GET /audit/checkpoint`.
+    latest: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -145,26 +161,47 @@ impl AuditLog {
         let dir = config.dir.clone();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let key = load_or_create_key(&key_path(config))?;
+        let origin = config
+            .origin
+            .clone()
+            .unwrap_or_else(|| note::default_origin(&key.verifying_key()));
         let pub_path = dir.join(PUBLIC_KEY_FILE);
         std::fs::write(
             &pub_path,
             format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
         )
         .map_err(io(&pub_path))?;
+        let vkey_path = dir.join(VERIFIER_KEY_FILE);
+        std::fs::write(
+            &vkey_path,
+            format!("{}\n", note::verifier_key(&origin, &key.verifying_key())),
+        )
+        .map_err(io(&vkey_path))?;
 
-        let (frontier, last_segment, cut, segment_count) = scan(&dir)?;
-        let last_checkpoint = trim_checkpoints(&dir)?;
-        if let Some(cp) = &last_checkpoint {
-            if cp.tree_size > frontier.size() {
-                return Err(AuditError::Damaged {
-                    path: dir.display().to_string(),
-                    reason: format!(
-                        "the last checkpoint covers {} records but only {} are on disk",
-                        cp.tree_size,
-                        frontier.size()
-                    ),
-                });
-            }
+        let scanned = scan(&dir)?;
+        let (frontier, last_segment, cut, segment_count) = (
+            scanned.frontier,
+            scanned.last_segment,
+            scanned.cut,
+            scanned.segments,
+        );
+        let legacy = trim_checkpoints(&dir)?;
+        let checkpointed = scanned
+            .last_inline
+            .as_ref()
+            .map(|(size, _)| *size)
+            .into_iter()
+            .chain(legacy.as_ref().map(|c| c.tree_size))
+            .max()
+            .unwrap_or(0);
+        if checkpointed > frontier.size() {
+            return Err(AuditError::Damaged {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "the last checkpoint covers {checkpointed} records but only {} are on disk",
+                    frontier.size()
+                ),
+            });
         }
         let report = OpenReport {
             records: frontier.size(),
@@ -181,30 +218,33 @@ impl AuditLog {
             .open(&path)
             .map_err(io(&path))?;
         let size = file.metadata().map_err(io(&path))?.len();
-        let checkpoints_path = dir.join(CHECKPOINTS_FILE);
-        let checkpoints = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&checkpoints_path)
-            .map_err(io(&checkpoints_path))?;
         sync_dir(&dir);
 
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let failing = Arc::new(AtomicBool::new(false));
-        let writer = Writer {
+        let latest = Arc::new(std::sync::Mutex::new(
+            scanned.last_inline.map(|(_, note)| note),
+        ));
+        let mut writer = Writer {
             failing: failing.clone(),
+            latest: latest.clone(),
+            origin,
             dir: dir.clone(),
             config: config.clone(),
             segment: file,
             segment_number: number,
             segment_size: size,
             frontier,
-            checkpointed: last_checkpoint.map_or(0, |c| c.tree_size),
+            checkpointed,
             last_checkpoint_at: Instant::now(),
-            checkpoints,
             key,
             capacity: config.queue.max(1),
         };
+        // Records a crash (or the old format) left unsigned are signed before new ones
+        // follow, so the unsigned tail never grows past its bound.
+        if writer.frontier.size() > writer.checkpointed {
+            writer.checkpoint().map_err(io(&dir))?;
+        }
         std::thread::Builder::new()
             .name("acge-audit".into())
             .spawn(move || writer.run(rx))
@@ -215,6 +255,7 @@ impl AuditLog {
                 mode: config.commit,
                 dir,
                 failing,
+                latest,
             }),
             report,
         ))
@@ -230,6 +271,14 @@ impl AuditLog {
             return Err(AuditError::Write("the last write to the log failed".into()));
         }
         Ok(())
+    }
+
+    /// The latest signed checkpoint, as a c2sp signed note; None before the first.
+    pub fn latest_checkpoint(&self) -> Option<String> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn mode(&self) -> CommitMode {
@@ -371,19 +420,34 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, AuditError> {
     }
 }
 
-type Scan = (Frontier, Option<(u64, PathBuf)>, Option<String>, usize);
+/// What scanning the segments found.
+struct Scan {
+    frontier: Frontier,
+    last_segment: Option<(u64, PathBuf)>,
+    cut: Option<String>,
+    segments: usize,
+    /// The last inline checkpoint: the records it covers, and its note.
+    last_inline: Option<(u64, String)>,
+}
 
-/// Rebuilds the frontier from every segment, cutting a torn final record.
+/// Rebuilds the frontier from every segment, cutting a torn final frame.
 fn scan(dir: &Path) -> Result<Scan, AuditError> {
     let found = segments(dir).map_err(io(dir))?;
     let mut frontier = Frontier::default();
     let mut cut = None;
+    let mut last_inline = None;
     let last_index = found.len().saturating_sub(1);
     for (i, (_, path)) in found.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(io(path))?;
         let frames = read_frames(&bytes);
         for (_, payload) in &frames.records {
-            frontier.push(leaf_hash(payload));
+            match entry(payload) {
+                Entry::Record(record) => frontier.push(leaf_hash(record)),
+                Entry::Checkpoint(text) => {
+                    let covers = note::read(text).map(|h| h.size).unwrap_or(0);
+                    last_inline = Some((covers, text.to_string()));
+                }
+            }
         }
         if let Some(bad) = frames.bad {
             if i == last_index && bad.at_end {
@@ -395,7 +459,7 @@ fn scan(dir: &Path) -> Result<Scan, AuditError> {
                     .and_then(|()| file.sync_all())
                     .map_err(io(path))?;
                 let what = format!(
-                    "cut a torn final record from {} at offset {} ({}; {} bytes)",
+                    "cut a torn final frame from {} at offset {} ({}; {} bytes)",
                     path.display(),
                     bad.offset,
                     bad.reason,
@@ -411,8 +475,14 @@ fn scan(dir: &Path) -> Result<Scan, AuditError> {
             }
         }
     }
-    let count = found.len();
-    Ok((frontier, found.into_iter().last(), cut, count))
+    let segments = found.len();
+    Ok(Scan {
+        frontier,
+        last_segment: found.into_iter().last(),
+        cut,
+        segments,
+        last_inline,
+    })
 }
 
 /// Drops a torn final checkpoint line and returns the last whole checkpoint.
@@ -454,6 +524,8 @@ fn sync_dir(dir: &Path) {
 
 struct Writer {
     failing: Arc<AtomicBool>,
+    latest: Arc<std::sync::Mutex<Option<String>>>,
+    origin: String,
     dir: PathBuf,
     config: AuditConfig,
     segment: File,
@@ -462,7 +534,6 @@ struct Writer {
     frontier: Frontier,
     checkpointed: u64,
     last_checkpoint_at: Instant,
-    checkpoints: File,
     key: SigningKey,
     capacity: usize,
 }
@@ -498,8 +569,18 @@ impl Writer {
                     continue;
                 }
             };
+            // A batch never crosses a checkpoint: the gap between two is at most
+            // `checkpoint_every` records, the bound each checkpoint states.
+            let room = usize::try_from(
+                self.config
+                    .checkpoint_every
+                    .saturating_sub(self.frontier.size() - self.checkpointed)
+                    .max(1),
+            )
+            .unwrap_or(MAX_BATCH)
+            .min(MAX_BATCH);
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while batch.len() < room {
                 match rx.try_recv() {
                     Ok(msg) => batch.push(msg),
                     Err(_) => break,
@@ -582,6 +663,10 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
+        // Each segment ends signed.
+        if self.frontier.size() > self.checkpointed {
+            self.checkpoint()?;
+        }
         self.segment.sync_all()?;
         let number = self.segment_number + 1;
         let path = self.dir.join(segment_name(number));
@@ -611,26 +696,41 @@ impl Writer {
         }
     }
 
-    /// Signs the current tree. The records it covers are made durable first, so a
-    /// checkpoint never vouches for records a crash could take back.
+    /// Signs the current tree and appends the signed note to the segment. The records
+    /// it covers are made durable first, so a checkpoint never vouches for records a
+    /// crash could take back; the note is made durable too, so a crash cannot widen the
+    /// unsigned tail past its bound.
     fn checkpoint(&mut self) -> std::io::Result<()> {
         self.segment.sync_data()?;
-        let size = self.frontier.size();
-        let root = hex::encode(self.frontier.root());
-        let time_ms = now_ms();
-        let signature = self.key.sign(&Checkpoint::message(size, &root, time_ms));
-        let cp = Checkpoint {
-            tree_size: size,
-            root,
-            time_ms,
-            signature: hex::encode(signature.to_bytes()),
+        let head = TreeHead {
+            origin: self.origin.clone(),
+            size: self.frontier.size(),
+            root: self.frontier.root(),
+            time_ms: now_ms(),
+            bound: self.config.checkpoint_every,
         };
-        let mut line = serde_json::to_vec(&cp).expect("checkpoints serialize");
-        line.push(b'\n');
-        self.checkpoints.write_all(&line)?;
-        self.checkpoints.sync_data()?;
-        self.checkpointed = size;
+        let signed = note::sign(&head, &self.key);
+        let mut buf = Vec::with_capacity(signed.len() + 8);
+        frame(signed.as_bytes(), &mut buf);
+        if let Err(e) = self
+            .segment
+            .write_all(&buf)
+            .and_then(|()| self.segment.sync_data())
+        {
+            let _ = self.segment.set_len(self.segment_size);
+            return Err(e);
+        }
+        self.segment_size += buf.len() as u64;
+        self.checkpointed = head.size;
         self.last_checkpoint_at = Instant::now();
+        tracing::info!(
+            origin = %head.origin,
+            size = head.size,
+            root = %hex::encode(head.root),
+            note = %signed.escape_debug(),
+            "audit checkpoint"
+        );
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(signed);
         Ok(())
     }
 

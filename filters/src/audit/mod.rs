@@ -15,6 +15,7 @@
 
 pub mod log;
 pub mod merkle;
+pub mod note;
 pub mod segment;
 pub mod verify;
 

@@ -3,8 +3,9 @@
 //!
 //! A segment (`segment-00000001.log`, …) is a sequence of frames:
 //! `u32 length (LE) ‖ u32 CRC-32 of the payload (LE) ‖ payload`, the payload being one
-//! record as JSON. The checksum tells a torn final write from a complete record; the
-//! Merkle tree (over the payloads) is what makes tampering evident.
+//! record as JSON, or a signed checkpoint (a c2sp note, `note.rs`). The checksum tells
+//! a torn final write from a complete frame; the Merkle tree (over the records) and the
+//! signed checkpoints in the stream are what make tampering evident.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,24 @@ pub const FRAME_HEADER: usize = 8;
 pub const CHECKPOINTS_FILE: &str = "checkpoints.log";
 pub const PUBLIC_KEY_FILE: &str = "audit.pub";
 pub const DEFAULT_KEY_FILE: &str = "audit.key";
+/// The signing key's c2sp verifier key (`name+id+key`), for witnesses.
+pub const VERIFIER_KEY_FILE: &str = "audit.vkey";
+
+/// What a frame holds: a record (JSON, a leaf of the tree) or a checkpoint (a signed
+/// note, which is not a leaf).
+pub enum Entry<'a> {
+    Record(&'a [u8]),
+    Checkpoint(&'a str),
+}
+
+/// Tells a frame's payload apart: records are JSON objects; a checkpoint is a note,
+/// whose first line is its origin.
+pub fn entry(payload: &[u8]) -> Entry<'_> {
+    match (payload.first(), std::str::from_utf8(payload)) {
+        (Some(b'{'), _) | (_, Err(_)) => Entry::Record(payload),
+        (_, Ok(text)) => Entry::Checkpoint(text),
+    }
+}
 
 /// One exchange, as the audit log keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,7 +64,8 @@ pub struct AuditRecord {
     pub event: Option<serde_json::Value>,
 }
 
-/// A signed statement of the tree's size and root at a moment.
+/// A signed statement of the tree's size and root at a moment: a signed note (inline
+/// checkpoints), or the v1 form of `checkpoints.log` (logs from before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
@@ -53,8 +73,11 @@ pub struct Checkpoint {
     /// Hex SHA-256.
     pub root: String,
     pub time_ms: u64,
-    /// Hex ed25519 signature over [`Checkpoint::message`].
+    /// v1: hex ed25519 signature over [`Checkpoint::message`]; empty for a note.
     pub signature: String,
+    /// The signed note, for an inline checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Checkpoint {

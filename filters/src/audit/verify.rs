@@ -8,20 +8,48 @@ use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::merkle::{self, leaf_hash, Hash};
+use super::note;
 use super::segment::{
-    read_frames, segments, AuditRecord, Checkpoint, CHECKPOINTS_FILE, PUBLIC_KEY_FILE,
+    entry, read_frames, segments, AuditRecord, Checkpoint, Entry, CHECKPOINTS_FILE, PUBLIC_KEY_FILE,
 };
 
+/// The key a verification trusts.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// Given by the operator, kept outside the log (`--key`, `--key-hex`).
+    Pinned(String),
+    /// The log directory's own `audit.pub`: whoever can rewrite the log can replace it.
+    Directory(String),
+}
+
+/// What a verification is to trust beyond the log itself.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// The public key; None: the one in the log directory.
+    pub key: Option<(VerifyingKey, String)>,
+    /// Checkpoints saved outside the log (a collector, a witness), each (where it came
+    /// from, its signed note): the log must extend every one.
+    pub checkpoints: Vec<(String, String)>,
+}
+
 /// What a passing verification saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Summary {
     pub records: u64,
     pub segments: usize,
     pub checkpoints: usize,
+    /// Of those, from `checkpoints.log` (logs from before inline checkpoints).
+    pub legacy_checkpoints: usize,
     /// Size and root of the last checkpoint.
     pub last: Option<(u64, String)>,
     /// Records written after the last checkpoint, not yet covered by a signature.
     pub unsigned_tail: u64,
+    /// The most records the last checkpoint says the writer leaves unsigned; None for
+    /// a legacy checkpoint, which said nothing.
+    pub bound: Option<u64>,
+    pub key: KeySource,
+    /// Outside checkpoints the log was found consistent with.
+    pub trusted: usize,
 }
 
 impl std::fmt::Display for Summary {
@@ -31,6 +59,13 @@ impl std::fmt::Display for Summary {
             "OK: {} records in {} segments, {} checkpoints",
             self.records, self.segments, self.checkpoints
         )?;
+        if self.legacy_checkpoints > 0 {
+            write!(
+                f,
+                " ({} of them from checkpoints.log)",
+                self.legacy_checkpoints
+            )?;
+        }
         if let Some((size, root)) = &self.last {
             write!(f, "; last checkpoint: size {size}, root {root}")?;
         }
@@ -40,6 +75,20 @@ impl std::fmt::Display for Summary {
                 "; {} records after it are not signed yet",
                 self.unsigned_tail
             )?;
+            match self.bound {
+                Some(bound) => write!(f, " (bound {bound})")?,
+                None => write!(f, " (a legacy checkpoint states no bound)")?,
+            }
+        }
+        match &self.key {
+            KeySource::Pinned(from) => write!(f, "; key: pinned ({from})")?,
+            KeySource::Directory(path) => write!(
+                f,
+                "; key: {path}, trusted as found in the log directory (pin it with --key)"
+            )?,
+        }
+        if self.trusted > 0 {
+            write!(f, "; consistent with {} trusted checkpoints", self.trusted)?;
         }
         Ok(())
     }
@@ -97,6 +146,38 @@ pub enum VerifyError {
     Shrunk { index: usize, size: u64 },
     #[error("checkpoint {index} (size {size}): not consistent with checkpoint {}", index - 1)]
     Inconsistent { index: usize, size: u64 },
+    #[error("{records} records and not one checkpoint: the checkpoints were removed, or the log was never signed")]
+    NoCheckpoints { records: u64 },
+    #[error("checkpoint {index} ({segment} offset {offset}): it signs {size} records but {before} come before it: it was moved, or records were taken out")]
+    Misplaced {
+        index: usize,
+        segment: String,
+        offset: u64,
+        size: u64,
+        before: u64,
+    },
+    #[error("checkpoint {index} ({segment} offset {offset}): {reason}")]
+    Note {
+        index: usize,
+        segment: String,
+        offset: u64,
+        reason: super::note::NoteError,
+    },
+    #[error("the last checkpoint signs {size} records and {tail} follow it, more than its bound of {bound}: a checkpoint after it was removed")]
+    TailTooLong { size: u64, tail: u64, bound: u64 },
+    #[error("trusted checkpoint {from}: {reason}")]
+    TrustedNote {
+        from: String,
+        reason: super::note::NoteError,
+    },
+    #[error("trusted checkpoint {from} saw {size} records, but the log holds {records}: it was cut back")]
+    CutBack {
+        from: String,
+        size: u64,
+        records: u64,
+    },
+    #[error("trusted checkpoint {from}: the log's first {size} records do not hash to its root: they were rewritten")]
+    Diverged { from: String, size: u64 },
     #[error("no checkpoint covers record {index} yet (the log holds {records} records)")]
     NotCovered { index: u64, records: u64 },
     #[error("checkpoint of size {size} covers records the log no longer holds")]
@@ -129,6 +210,10 @@ pub enum SignatureError {
     Length,
     #[error("the signature does not match")]
     Mismatch,
+    #[error(transparent)]
+    Note(#[from] super::note::NoteError),
+    #[error("its note says size {size} and root {root}, not what the checkpoint says")]
+    NoteDiffers { size: u64, root: String },
 }
 
 /// All records of a log directory, as read, with where each came from.
@@ -136,6 +221,17 @@ struct Loaded {
     payloads: Vec<Vec<u8>>,
     leaves: Vec<Hash>,
     segments: usize,
+    /// The checkpoints in the stream, in order.
+    inline: Vec<Inline>,
+}
+
+/// A checkpoint frame, and where it stands.
+struct Inline {
+    note: String,
+    /// Records before it in the stream.
+    before: u64,
+    segment: String,
+    offset: u64,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
@@ -151,6 +247,7 @@ fn load_records(dir: &Path) -> Result<Loaded, VerifyError> {
         payloads: Vec::new(),
         leaves: Vec::new(),
         segments: found.len(),
+        inline: Vec::new(),
     };
     for (_, path) in &found {
         let name = path
@@ -161,6 +258,15 @@ fn load_records(dir: &Path) -> Result<Loaded, VerifyError> {
         let frames = read_frames(&bytes);
         for (offset, payload) in frames.records {
             let index = loaded.payloads.len() as u64;
+            if let Entry::Checkpoint(note) = entry(payload) {
+                loaded.inline.push(Inline {
+                    note: note.to_string(),
+                    before: index,
+                    segment: name.clone(),
+                    offset,
+                });
+                continue;
+            }
             let record: AuditRecord =
                 serde_json::from_slice(payload).map_err(|e| VerifyError::Record {
                     index,
@@ -229,6 +335,16 @@ fn read_checkpoints(dir: &Path) -> Result<Vec<Checkpoint>, VerifyError> {
 }
 
 fn check_signature(key: &VerifyingKey, cp: &Checkpoint) -> Result<(), SignatureError> {
+    if let Some(text) = &cp.note {
+        let head = note::verify(text, key)?;
+        if head.size != cp.tree_size || hex::encode(head.root) != cp.root {
+            return Err(SignatureError::NoteDiffers {
+                size: head.size,
+                root: hex::encode(head.root),
+            });
+        }
+        return Ok(());
+    }
     let sig: [u8; 64] = hex::decode(&cp.signature)?
         .try_into()
         .map_err(|_| SignatureError::Length)?;
@@ -239,14 +355,67 @@ fn check_signature(key: &VerifyingKey, cp: &Checkpoint) -> Result<(), SignatureE
     .map_err(|_| SignatureError::Mismatch)
 }
 
-/// Recomputes everything: every record's frame and sequence, every checkpoint's
-/// signature and root, and each checkpoint's consistency with the one before.
-/// Returns the first bad place found.
-pub fn verify(dir: &Path) -> Result<Summary, VerifyError> {
-    let key = read_public_key(dir)?;
+/// Every checkpoint of the log, in order: those of `checkpoints.log` (logs from before
+/// inline checkpoints), then those in the stream. Inline ones are checked to stand
+/// right after the records they sign, and their signatures (which tell what they say)
+/// are checked here.
+fn all_checkpoints(
+    dir: &Path,
+    loaded: &Loaded,
+    key: &VerifyingKey,
+) -> Result<(Vec<Checkpoint>, usize, Option<u64>), VerifyError> {
+    let mut all = read_checkpoints(dir)?;
+    let legacy = all.len();
+    let mut bound = None;
+    for (i, inline) in loaded.inline.iter().enumerate() {
+        let index = legacy + i;
+        let head = note::verify(&inline.note, key).map_err(|reason| VerifyError::Note {
+            index,
+            segment: inline.segment.clone(),
+            offset: inline.offset,
+            reason,
+        })?;
+        if head.size != inline.before {
+            return Err(VerifyError::Misplaced {
+                index,
+                segment: inline.segment.clone(),
+                offset: inline.offset,
+                size: head.size,
+                before: inline.before,
+            });
+        }
+        bound = Some(head.bound);
+        all.push(Checkpoint {
+            tree_size: head.size,
+            root: hex::encode(head.root),
+            time_ms: head.time_ms,
+            signature: String::new(),
+            note: Some(inline.note.clone()),
+        });
+    }
+    Ok((all, legacy, bound))
+}
+
+/// Recomputes everything, and fails closed: every record's frame and sequence; the
+/// checkpoints (there must be some where there are records; each inline one right
+/// after the records it signs; each signature under the trusted key; each root the
+/// recomputed tree's; each consistent with the one before, RFC 9162); the unsigned
+/// tail within the last checkpoint's bound; and the log consistent with every
+/// checkpoint saved outside it. Returns the first bad place found.
+pub fn verify(dir: &Path, trust: &Trust) -> Result<Summary, VerifyError> {
+    let (key, source) = match &trust.key {
+        Some((key, from)) => (*key, KeySource::Pinned(from.clone())),
+        None => (
+            read_public_key(dir)?,
+            KeySource::Directory(dir.join(PUBLIC_KEY_FILE).display().to_string()),
+        ),
+    };
     let loaded = load_records(dir)?;
-    let checkpoints = read_checkpoints(dir)?;
+    let (checkpoints, legacy, bound) = all_checkpoints(dir, &loaded, &key)?;
     let total = loaded.leaves.len() as u64;
+    if total > 0 && checkpoints.is_empty() {
+        return Err(VerifyError::NoCheckpoints { records: total });
+    }
     let mut previous: Option<&Checkpoint> = None;
     for (i, cp) in checkpoints.iter().enumerate() {
         let size = cp.tree_size;
@@ -289,12 +458,48 @@ pub fn verify(dir: &Path) -> Result<Summary, VerifyError> {
         previous = Some(cp);
     }
     let last = checkpoints.last();
+    let signed = last.map_or(0, |c| c.tree_size);
+    let tail = total - signed;
+    // The bound of the last checkpoint, when it is an inline one (it states it).
+    let bound = bound.filter(|_| checkpoints.len() > legacy);
+    if let Some(bound) = bound {
+        if tail > bound {
+            return Err(VerifyError::TailTooLong {
+                size: signed,
+                tail,
+                bound,
+            });
+        }
+    }
+    for (from, text) in &trust.checkpoints {
+        let head = note::verify(text, &key).map_err(|reason| VerifyError::TrustedNote {
+            from: from.clone(),
+            reason,
+        })?;
+        if head.size > total {
+            return Err(VerifyError::CutBack {
+                from: from.clone(),
+                size: head.size,
+                records: total,
+            });
+        }
+        if merkle::root(&loaded.leaves[..head.size as usize]) != head.root {
+            return Err(VerifyError::Diverged {
+                from: from.clone(),
+                size: head.size,
+            });
+        }
+    }
     Ok(Summary {
         records: total,
         segments: loaded.segments,
         checkpoints: checkpoints.len(),
+        legacy_checkpoints: legacy,
         last: last.map(|c| (c.tree_size, c.root.clone())),
-        unsigned_tail: total - last.map_or(0, |c| c.tree_size),
+        unsigned_tail: tail,
+        bound,
+        key: source,
+        trusted: trust.checkpoints.len(),
     })
 }
 
@@ -317,7 +522,8 @@ pub struct InclusionProof {
 /// Proves record `index` against the first checkpoint that covers it.
 pub fn prove(dir: &Path, index: u64) -> Result<InclusionProof, VerifyError> {
     let loaded = load_records(dir)?;
-    let checkpoints = read_checkpoints(dir)?;
+    let key = read_public_key(dir)?;
+    let (checkpoints, _, _) = all_checkpoints(dir, &loaded, &key)?;
     let Some(cp) = checkpoints.into_iter().find(|c| c.tree_size > index) else {
         return Err(VerifyError::NotCovered {
             index,

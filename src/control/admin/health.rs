@@ -84,7 +84,8 @@ pub async fn index() -> Response {
         "endpoints": [
             "GET /live", "GET /ready", "GET /metrics", "GET /weights",
             "PUT /routes/{name}/weights", "GET /config_dump", "GET /migration",
-            "POST /migration/{route}/{pause,resume,promote,rollback}"
+            "POST /migration/{route}/{pause,resume,promote,rollback}",
+            "GET /audit/checkpoint"
         ]
     }))
 }

@@ -12,6 +12,7 @@
 //! | `GET /config_dump`             | the running config, current weights, no secrets       |
 //! | `GET /migration`               | the migration controller's state, per route           |
 //! | `POST /migration/{r}/{action}` | pause, resume, promote, rollback; needs the token     |
+//! | `GET /audit/checkpoint`        | the audit log's latest signed checkpoint (c2sp note)  |
 //!
 //! Mutations (any method but `GET` and `HEAD`) need `Authorization: Bearer <token>`,
 //! compared in constant time; with no token configured they are refused (403). Bodies
@@ -20,6 +21,7 @@
 //! same token layer. This module reads and sets route weights; it does not own them
 //! (the route table does).
 
+mod audit;
 mod auth;
 mod config_dump;
 mod health;
@@ -57,6 +59,7 @@ pub struct Admin {
     pub(crate) config: Arc<ValidConfig>,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) migration: Option<Arc<Controller>>,
+    pub(crate) audit: Option<Arc<acge_filters::audit::AuditLog>>,
 }
 
 impl Admin {
@@ -74,6 +77,7 @@ impl Admin {
             .route("/config_dump", get(config_dump::dump))
             .route("/migration", get(migration::status))
             .route("/migration/{route}/{action}", post(migration::act))
+            .route("/audit/checkpoint", get(audit::checkpoint))
             .with_state(self);
         for more in extra {
             router = router.merge(more);

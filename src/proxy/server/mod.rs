@@ -279,6 +279,8 @@ pub async fn serve<H, F, B>(
     {
         tracing::warn!(after = ?options.drain_timeout, open = conns.open(), "drain timed out; closing the remaining connections");
         conns.kill_all();
+        // Their exchanges end (and start their log phases) as their tasks stop.
+        let _ = tokio::time::timeout(Duration::from_secs(1), conns.closed()).await;
     }
     sweeper.abort();
 }
