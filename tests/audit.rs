@@ -436,3 +436,466 @@ filters:
         &lost[..lost.len().min(5)]
     );
 }
+
+/// A proxy on `/svc` in front of a demo backend, auditing every exchange into `dir`
+/// with a checkpoint every `every` records (and every `interval_ms`).
+async fn audited_proxy(
+    dir: &Path,
+    every: u64,
+    interval_ms: u64,
+    listener: &str,
+) -> (acge_proxy::Running, acge_proxy::demo::Backend) {
+    let up = acge_proxy::demo::spawn_backend(
+        "audited",
+        acge_proxy::proxy::split::Version::Blue,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let yaml = config_with(
+        "audited",
+        up.addr,
+        listener,
+        "",
+        &format!(
+            "filters:\n  audit: {{dir: {}, commit: sync, checkpoint_every: {every}, checkpoint_interval_ms: {interval_ms}}}\n",
+            dir.display()
+        ),
+    )
+    .replace("green: up}", "green: up, filters: [audit]}");
+    (
+        start(&yaml, acge_proxy::control::admin::TokenSource::None).await,
+        up,
+    )
+}
+
+/// `n` requests through the proxy, each answered 200.
+async fn requests(p: &acge_proxy::Running, n: usize) {
+    let c = client();
+    for i in 0..n {
+        let r = get(
+            &c,
+            &format!("http://{}/svc", p.proxy_addr),
+            &[("x-request-id", &format!("r-{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
+
+/// Rewrites every record frame of `dir` with `change`, the checksum recomputed, and
+/// drops every checkpoint frame (and checkpoints.log) when `drop_checkpoints`.
+fn rewrite(dir: &Path, change: impl Fn(&str) -> String, drop_checkpoints: bool) {
+    for (_, path) in segments(dir).unwrap() {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut out = Vec::new();
+        for (_, payload) in read_frames(&bytes).records {
+            match entry(payload) {
+                Entry::Record(record) => {
+                    let changed = change(std::str::from_utf8(record).unwrap());
+                    acge_filters::audit::segment::frame(changed.as_bytes(), &mut out);
+                }
+                Entry::Checkpoint(note) if !drop_checkpoints => {
+                    acge_filters::audit::segment::frame(note.as_bytes(), &mut out);
+                }
+                Entry::Checkpoint(_) => {}
+            }
+        }
+        std::fs::write(&path, out).unwrap();
+    }
+    if drop_checkpoints {
+        let _ = std::fs::remove_file(dir.join("checkpoints.log"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probes_forgery_fails_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _up) = audited_proxy(dir.path(), 50, 1000, "").await;
+    requests(&p, 120).await;
+    p.shutdown().await;
+    assert!(verify(dir.path()).0, "{}", verify(dir.path()).1);
+
+    // Every record rewritten (200 → 403) with its checksum fixed, every checkpoint
+    // deleted: what the probe did to checkpoints.log, done to the inline ones.
+    let forged = copy_dir(dir.path());
+    rewrite(
+        forged.path(),
+        |r| r.replace("\"status\":200", "\"status\":403"),
+        true,
+    );
+    fails_naming(forged.path(), &["120 records and not one checkpoint"]);
+
+    // Rewritten with the checkpoints left in place: their roots do not match.
+    let forged = copy_dir(dir.path());
+    rewrite(
+        forged.path(),
+        |r| r.replace("\"status\":200", "\"status\":403"),
+        false,
+    );
+    fails_naming(forged.path(), &["do not hash to the signed root"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_re_signed_with_another_key_fails_against_the_pinned_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _up) = audited_proxy(dir.path(), 10, 1000, "").await;
+    requests(&p, 30).await;
+    p.shutdown().await;
+    let pinned = tempfile::tempdir().unwrap();
+    let pinned_key = pinned.path().join("audit.pub");
+    std::fs::copy(dir.path().join("audit.pub"), &pinned_key).unwrap();
+
+    // The forger rewrites the records and signs a whole new log with a key of their
+    // own, replacing the directory's public key.
+    let records = audit_records(dir.path());
+    let forger = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(&config(forger.path())).unwrap();
+    for mut r in records {
+        r.status = 403;
+        log.append(r).await.unwrap();
+    }
+    log.close().await;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for file in std::fs::read_dir(forger.path()).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name();
+        if name != "audit.key" {
+            std::fs::copy(file.path(), dir.path().join(&name)).unwrap();
+        }
+    }
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "the forgery holds together on its own key: {text}");
+    assert!(
+        text.contains("trusted as found in the log directory"),
+        "{text}"
+    );
+    let (ok, text) = audit_cmd(&[
+        "verify",
+        dir.path().to_str().unwrap(),
+        "--key",
+        pinned_key.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok,
+        "re-signed with another key, it fails the pinned key: {text}"
+    );
+    assert!(text.contains("with the trusted key"), "{text}");
+    let hex = std::fs::read_to_string(&pinned_key).unwrap();
+    let (ok, _) = audit_cmd(&[
+        "verify",
+        dir.path().to_str().unwrap(),
+        "--key-hex",
+        hex.trim(),
+    ]);
+    assert!(!ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_cut_back_below_a_published_checkpoint_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _up) = audited_proxy(dir.path(), 10, 1000, "").await;
+    requests(&p, 40).await;
+    // A collector keeps the published tree head.
+    let published = get(
+        &client(),
+        &format!("http://{}/audit/checkpoint", p.admin_addr),
+        &[],
+    )
+    .await;
+    assert_eq!(published.status, StatusCode::OK);
+    assert_eq!(
+        published.headers["content-type"],
+        "text/plain; charset=utf-8"
+    );
+    let saved = dir
+        .path()
+        .join("..")
+        .join(format!("published-{}.note", std::process::id()));
+    std::fs::write(&saved, &published.body).unwrap();
+    let size: u64 = String::from_utf8_lossy(&published.body)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        size >= 30,
+        "the published head covers what was answered: {size}"
+    );
+    requests(&p, 5).await;
+    p.shutdown().await;
+    let trusted = |d: &Path| {
+        audit_cmd(&[
+            "verify",
+            d.to_str().unwrap(),
+            "--trusted",
+            saved.to_str().unwrap(),
+        ])
+    };
+    let (ok, text) = trusted(dir.path());
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("consistent with 1 trusted checkpoints"),
+        "{text}"
+    );
+
+    // Cut back to the checkpoint before the published one, with everything after it:
+    // a log that holds together on its own.
+    let cut = copy_dir(dir.path());
+    let signs = |f: &(PathBuf, u64, usize, bool)| -> u64 {
+        let bytes = std::fs::read(cut.path().join(f.0.file_name().unwrap())).unwrap();
+        let note = &bytes[f.1 as usize + FRAME_HEADER..f.1 as usize + FRAME_HEADER + f.2];
+        std::str::from_utf8(note)
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let at_30 = all_frames(cut.path())
+        .into_iter()
+        .filter(|f| f.3 && signs(f) < size)
+        .max_by_key(signs)
+        .expect("a checkpoint before the published one");
+    let segment = cut.path().join(at_30.0.file_name().unwrap());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(at_30.1 + (FRAME_HEADER + at_30.2) as u64)
+        .unwrap();
+    for (n, path) in segments(cut.path()).unwrap() {
+        if path > segment {
+            let _ = n;
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let (ok, text) = verify(cut.path());
+    assert!(ok, "alone, a cut-back log is a shorter log: {text}");
+    let (ok, text) = trusted(cut.path());
+    assert!(!ok, "against the published checkpoint it fails: {text}");
+    assert!(text.contains("it was cut back"), "{text}");
+    let _ = std::fs::remove_file(&saved);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unsigned_tail_stays_within_its_bound_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _up) = audited_proxy(dir.path(), 20, 60_000, "").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, url) = (stop.clone(), format!("http://{}/svc", p.proxy_addr));
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                get(&c, &url, &[]).await;
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let frames = all_frames(dir.path());
+        let tail = frames.iter().rev().take_while(|f| !f.3).count();
+        samples.push((frames.iter().filter(|f| !f.3).count(), tail));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    let (records, _) = *samples.last().unwrap();
+    assert!(records > 100, "load ran: {records} records");
+    for (records, tail) in &samples {
+        assert!(
+            *tail <= 20,
+            "{tail} unsigned records after {records}: more than the bound"
+        );
+    }
+    p.shutdown().await;
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_checkpoint_is_a_c2sp_signed_note() {
+    use signed_note::{new_ed25519_verifier_key, Note, StandardVerifier, VerifierList};
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _up) = audited_proxy(dir.path(), 5, 1000, "").await;
+    requests(&p, 12).await;
+    let body = get(
+        &client(),
+        &format!("http://{}/audit/checkpoint", p.admin_addr),
+        &[],
+    )
+    .await
+    .body;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    // c2sp.org/tlog-checkpoint: origin, size, base64 root, extensions; a blank line;
+    // signature lines.
+    let lines: Vec<&str> = text.lines().collect();
+    let origin = lines[0];
+    assert!(!origin.contains(' ') && !origin.contains('+'), "{origin}");
+    let size: u64 = lines[1].parse().unwrap();
+    assert!(size >= 10, "{text}");
+    use base64::Engine as _;
+    let root = base64::engine::general_purpose::STANDARD
+        .decode(lines[2])
+        .unwrap();
+    assert_eq!(root.len(), 32);
+    // Verified by another implementation (Cloudflare's port of Go's sumdb/note), with
+    // the key from audit.pub, not by the writer's code.
+    let hex = std::fs::read_to_string(dir.path().join("audit.pub")).unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(
+        &hex::decode(hex.trim()).unwrap().try_into().unwrap(),
+    )
+    .unwrap();
+    let vkey = new_ed25519_verifier_key(origin, &key);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("audit.vkey"))
+            .unwrap()
+            .trim(),
+        vkey,
+        "audit.vkey is the verifier key witnesses take"
+    );
+    let verifier = StandardVerifier::new(&vkey).unwrap();
+    let note = Note::from_bytes(text.as_bytes()).unwrap();
+    let (verified, _) = note
+        .verify(&VerifierList::new(vec![Box::new(verifier)]))
+        .expect("the note verifies");
+    assert_eq!(verified.len(), 1);
+    // The root is the tree of the records the log holds.
+    let leaves: Vec<_> = all_frames(dir.path())
+        .into_iter()
+        .filter(|f| !f.3)
+        .take(size as usize)
+        .map(|(path, offset, len, _)| {
+            let bytes = std::fs::read(path).unwrap();
+            let at = offset as usize + FRAME_HEADER;
+            acge_filters::audit::merkle::leaf_hash(&bytes[at..at + len])
+        })
+        .collect();
+    assert_eq!(acge_filters::audit::merkle::root(&leaves).to_vec(), root);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_the_drain_cuts_short_is_still_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (silent, _task) = silent_server().await;
+    let yaml = config_with(
+        "drained",
+        silent,
+        ", drain_timeout_ms: 300",
+        ", timeout_ms: 30000",
+        &format!(
+            "filters:\n  audit: {{dir: {}, commit: sync}}\n",
+            dir.path().display()
+        ),
+    )
+    .replace("green: up}", "green: up, filters: [audit]}");
+    let p = start(&yaml, acge_proxy::control::admin::TokenSource::None).await;
+    let addr = p.proxy_addr;
+    let waiting = tokio::spawn(async move {
+        raw(
+            addr,
+            b"GET /svc HTTP/1.1\r\nHost: t\r\nx-request-id: in-flight-1\r\n\r\n",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.shutdown().await;
+    waiting.abort();
+    let records = audit_records(dir.path());
+    let record = records
+        .iter()
+        .find(|r| r.request_id == "in-flight-1")
+        .expect("the exchange cut short by the drain has its record");
+    assert_eq!((record.status, record.decision.as_str()), (499, "aborted"));
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("not signed yet"),
+        "shutdown signed it: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_log_from_before_inline_checkpoints_is_read_and_continued() {
+    use acge_filters::audit::merkle::{leaf_hash, root};
+    use acge_filters::audit::segment::{frame, Checkpoint};
+    use ed25519_dalek::Signer;
+    // A log as the previous version wrote it: record frames in a segment, signed
+    // checkpoints as JSON lines in checkpoints.log.
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    std::fs::write(
+        dir.path().join("audit.key"),
+        format!("{}\n", hex::encode([9u8; 32])),
+    )
+    .unwrap();
+    let mut segment = Vec::new();
+    let mut leaves = Vec::new();
+    let mut lines = String::new();
+    for i in 0..15u64 {
+        let mut r = record(i);
+        r.seq = i;
+        let payload = serde_json::to_vec(&r).unwrap();
+        leaves.push(leaf_hash(&payload));
+        frame(&payload, &mut segment);
+        if i == 9 {
+            let root_hex = hex::encode(root(&leaves));
+            let signature = key.sign(&Checkpoint::message(10, &root_hex, 1_700_000_000_000));
+            let cp = Checkpoint {
+                tree_size: 10,
+                root: root_hex,
+                time_ms: 1_700_000_000_000,
+                signature: hex::encode(signature.to_bytes()),
+                note: None,
+            };
+            lines.push_str(&serde_json::to_string(&cp).unwrap());
+            lines.push('\n');
+        }
+    }
+    std::fs::write(dir.path().join("segment-00000001.log"), &segment).unwrap();
+    std::fs::write(dir.path().join("checkpoints.log"), &lines).unwrap();
+    std::fs::write(
+        dir.path().join("audit.pub"),
+        format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
+    )
+    .unwrap();
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(text.contains("1 of them from checkpoints.log"), "{text}");
+    assert!(
+        text.contains("5 records after it are not signed yet"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a legacy checkpoint states no bound"),
+        "{text}"
+    );
+
+    // The writer continues it: the unsigned five are signed at once, inline.
+    let (log, report) = AuditLog::open(&config(dir.path())).unwrap();
+    assert_eq!(report.records, 15);
+    log.append(record(15)).await.unwrap();
+    log.close().await;
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(text.starts_with("OK: 16 records"), "{text}");
+    assert!(text.contains("last checkpoint: size 16"), "{text}");
+
+    // Without checkpoints.log, the old records are unsigned: refused.
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::write(bare.path().join("segment-00000001.log"), &segment).unwrap();
+    std::fs::copy(dir.path().join("audit.pub"), bare.path().join("audit.pub")).unwrap();
+    fails_naming(bare.path(), &["15 records and not one checkpoint"]);
+}

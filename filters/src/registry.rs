@@ -113,6 +113,14 @@ impl FiltersConfig {
                     "must be at least 1",
                 ));
             }
+            if let Some(origin) = &audit.origin {
+                if origin.is_empty() || origin.chars().any(|c| c.is_whitespace() || c == '+') {
+                    errors.push(SettingError::new(
+                        "filters.audit.origin",
+                        format!("`{origin}` is not a log name (no spaces, no `+`)"),
+                    ));
+                }
+            }
             if audit.segment_bytes < 4096 {
                 errors.push(SettingError::new(
                     "filters.audit.segment_bytes",
