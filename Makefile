@@ -35,11 +35,9 @@ bench:
 	$(CARGO) bench --bench chain
 	$(CARGO) bench --bench audit_append
 
-# Retrain the default ACGE model (seeded; about 4 minutes on 2 cores; fetches the
-# GloVe word vectors once).
+# Retrain the default ACGE model (seeded; about 2 minutes on 2 cores).
 model:
-	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default \
-		--glove "$$(models/fetch-glove.sh)"
+	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default
 
 clean:
 	$(CARGO) clean

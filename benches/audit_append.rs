@@ -23,6 +23,7 @@ fn record(i: usize) -> AuditRecord {
         hash_response: Some("match".into()),
         compliance: Some(0.982),
         principles: vec![],
+        acge_stage: None,
         decision: "allowed".into(),
         latency_ms: 1.234,
         event: None,

@@ -200,7 +200,12 @@ async fn a_failing_model_follows_on_error_and_is_counted() {
     );
     let text = metrics_text(&allow).await;
     assert!(
-        sample(&text, r#"acge_inference_errors_total{kind="engine"}"#).unwrap() >= 2.0,
+        sample(
+            &text,
+            r#"acge_inference_errors_total{stage="fast",kind="engine"}"#
+        )
+        .unwrap()
+            >= 2.0,
         "{text}"
     );
 }
@@ -239,8 +244,8 @@ async fn concurrent_requests_share_batches_and_repeats_hit_the_cache() {
     let after = metrics_text(&p).await;
     let delta =
         |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
-    let batches = delta("acge_inference_batch_size_count");
-    let items = delta("acge_inference_batch_size_sum");
+    let batches = delta(r#"acge_inference_batch_size_count{stage="fast"}"#);
+    let items = delta(r#"acge_inference_batch_size_sum{stage="fast"}"#);
     assert!(
         items >= 24.0 && batches < items,
         "{items} items in {batches} batches: batched"
@@ -388,9 +393,11 @@ fn model_eval_names_a_bad_line() {
 }
 
 #[test]
-fn model_bench_sweeps_the_batch_sizes_asked_for() {
-    let dir = tempfile::tempdir().unwrap();
-    make_test_model(dir.path(), &[]);
+fn model_bench_times_each_part_for_each_kind_and_the_cascade() {
+    let fast = tempfile::tempdir().unwrap();
+    make_test_model(fast.path(), &["--kind", "hashed"]);
+    let second = tempfile::tempdir().unwrap();
+    make_test_model(second.path(), &["--kind", "tokens"]);
     let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
         .args([
             "model",
@@ -401,10 +408,16 @@ fn model_bench_sweeps_the_batch_sizes_asked_for() {
             "1,4,16",
             "--min-ms",
             "20",
+            "--len",
+            "600",
+            "--band",
+            "0,1",
             "--json",
             "--model",
         ])
-        .arg(dir.path())
+        .arg(fast.path())
+        .arg("--second")
+        .arg(second.path())
         .output()
         .unwrap();
     assert!(
@@ -413,20 +426,35 @@ fn model_bench_sweeps_the_batch_sizes_asked_for() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["device"], "Cpu");
-    let rows = v["rows"].as_array().unwrap();
-    assert_eq!(
-        rows.iter()
-            .map(|r| r["batch"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        vec![1, 4, 16]
-    );
-    assert!(rows
+    let models = v["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "{v}");
+    for (m, (stage, kind)) in models
         .iter()
-        .all(|r| r["items_per_second"].as_f64().unwrap() > 0.0));
+        .zip([("fast", "hashed"), ("second", "tokens")])
+    {
+        assert_eq!(m["stage"], stage);
+        assert_eq!(m["input"], kind);
+        assert_eq!(m["device"], "Cpu");
+        assert!(m["render_us"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["encode_us"].as_f64().unwrap() > 0.0, "{m}");
+        let rows = m["rows"].as_array().unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| r["batch"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            vec![1, 4, 16]
+        );
+        assert!(rows
+            .iter()
+            .all(|r| r["items_per_second"].as_f64().unwrap() > 0.0));
+    }
+    // Band [0, 1]: the second model decides every item.
+    let c = &v["cascade"];
+    assert!(c["items"].as_u64().unwrap() >= 256, "{c}");
+    assert_eq!(c["second"].as_f64(), Some(1.0), "{c}");
     let bad = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
         .args(["model", "bench", "--device", "tpu", "--model"])
-        .arg(dir.path())
+        .arg(fast.path())
         .output()
         .unwrap();
     assert!(!bad.status.success());

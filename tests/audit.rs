@@ -54,6 +54,7 @@ fn record(i: u64) -> AuditRecord {
         hash_response: Some("match".into()),
         compliance: None,
         principles: vec![],
+        acge_stage: None,
         decision: "allowed".into(),
         latency_ms: 1.5,
         event: None,

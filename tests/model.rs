@@ -1,13 +1,15 @@
-//! The default model as the training script left it: the Rust engine gives the outputs
-//! PyTorch gave (fixtures written by models/train.py), and the int8 variant loads and
-//! agrees with fp32 on every decision of the fixtures.
+//! The default model as the training script left it: the Rust side renders each fixture
+//! case as models/acge_input.py did, computes the same hashed ids, and the engine gives
+//! the outputs PyTorch gave; the int8 variant loads and agrees with fp32 on every
+//! decision of the fixtures.
 #![cfg(feature = "torch")]
 
 use std::path::{Path, PathBuf};
 
 use acge_filters::acge::batcher::Backend;
-use acge_filters::acge::engine::TorchEngine;
-use acge_filters::acge::{features, DeviceChoice};
+use acge_filters::acge::config::DEFAULT_HEADERS;
+use acge_filters::acge::engine::{EngineOptions, Loaded, TorchEngine};
+use acge_filters::acge::{render, DeviceChoice};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 const HASH: &str = "cdd01ef066bc6cf2";
@@ -18,7 +20,20 @@ fn model_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The training script's fixtures, refusing an empty set (a loop over nothing checks
+fn load(name: &str) -> Loaded {
+    TorchEngine::load(
+        &model_dir(name),
+        HASH,
+        EngineOptions {
+            device: DeviceChoice::Cpu,
+            precision: None,
+            threads: Some(1),
+        },
+    )
+    .unwrap()
+}
+
+/// The training script's fixtures, refusing a short set (a loop over nothing checks
 /// nothing).
 fn fixtures() -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(model_dir("acge-default").join("fixtures.json")).unwrap();
@@ -28,11 +43,27 @@ fn fixtures() -> Vec<serde_json::Value> {
         .unwrap()
         .clone();
     assert!(
-        all.len() >= 4,
+        all.len() >= 6,
         "models/acge-default has {} fixtures",
         all.len()
     );
     all
+}
+
+fn ints(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// Row against row, of the same length.
@@ -43,71 +74,76 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
-#[test]
-fn rust_renders_and_scores_the_training_scripts_fixtures_alike() {
-    let (mut engine, meta) =
-        TorchEngine::load(&model_dir("acge-default"), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
-    let selected = [
-        HeaderName::from_static("x-constitutional-hash"),
-        HeaderName::from_static("content-type"),
-    ];
-    for f in fixtures() {
-        let case = &f["case"];
-        let mut headers = HeaderMap::new();
-        for (k, v) in case["headers"].as_object().unwrap() {
-            headers.insert(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v.as_str().unwrap()).unwrap(),
-            );
-        }
-        let body = serde_json::to_vec(&case["body"]).unwrap();
-        let rendering = features::render_request(
-            &Method::POST,
+/// The case rendered by the proxy's own code, with the default headers.
+fn rust_rendering(case: &serde_json::Value) -> Vec<u8> {
+    let selected: Vec<HeaderName> = DEFAULT_HEADERS
+        .iter()
+        .map(|h| HeaderName::from_static(h))
+        .collect();
+    let mut headers = HeaderMap::new();
+    for (k, v) in case["headers"].as_object().into_iter().flatten() {
+        headers.insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v.as_str().unwrap()).unwrap(),
+        );
+    }
+    let body = serde_json::to_vec(&case["body"]).unwrap();
+    match case["status"].as_u64() {
+        Some(status) => render::render_response(status as u16, &headers, &selected, Some(&body)),
+        None => render::render_request(
+            &Method::from_bytes(case["method"].as_str().unwrap().as_bytes()).unwrap(),
             case["path"].as_str().unwrap(),
             &headers,
             &selected,
             Some(&body),
-        );
-        let input = features::encode(&rendering, meta.max_len);
-        let expected: Vec<i64> = f["input"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect();
+        ),
+    }
+}
+
+#[test]
+fn rust_renders_hashes_and_scores_the_training_scripts_fixtures_alike() {
+    let Loaded {
+        mut engine,
+        encoder,
+        meta,
+    } = load("acge-default");
+    assert_eq!(meta.input.kind(), "hashed");
+    let all = fixtures();
+    assert!(
+        all.iter().any(|f| f["case"]["status"].is_u64()),
+        "the fixtures hold responses too"
+    );
+    for f in all {
+        let rendering = rust_rendering(&f["case"]);
         assert_eq!(
-            input, expected,
-            "the Rust rendering is the training script's, byte for byte"
+            hex::encode(&rendering),
+            f["rendering_hex"].as_str().unwrap(),
+            "the Rust rendering is the training script's, byte for byte: {}",
+            String::from_utf8_lossy(&rendering)
+        );
+        let input = encoder.encode(&rendering).unwrap();
+        assert_eq!(
+            input,
+            ints(&f["input"]),
+            "the hashed ids are the training script's"
         );
         let row = engine.infer(&[input.as_slice()]).unwrap().remove(0);
-        let want: Vec<f32> = f["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        assert_close(&row, &want, "Rust against PyTorch");
+        assert_close(&row, &floats(&f["output"]), "Rust against PyTorch");
     }
 }
 
 #[test]
 fn the_int8_variant_loads_and_decides_as_fp32() {
-    let (mut fp32, meta) =
-        TorchEngine::load(&model_dir("acge-default"), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
-    let (mut int8, _) = TorchEngine::load(
-        &model_dir("acge-default-int8"),
-        HASH,
-        DeviceChoice::Cpu,
-        Some(1),
-    )
-    .unwrap();
+    let Loaded {
+        engine: mut fp32,
+        meta,
+        ..
+    } = load("acge-default");
+    let Loaded {
+        engine: mut int8, ..
+    } = load("acge-default-int8");
     for f in fixtures() {
-        let input: Vec<i64> = f["input"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect();
+        let input = ints(&f["input"]);
         let a = fp32.infer(&[input.as_slice()]).unwrap().remove(0);
         let b = int8.infer(&[input.as_slice()]).unwrap().remove(0);
         let over = |row: &[f32]| {
@@ -120,23 +156,12 @@ fn the_int8_variant_loads_and_decides_as_fp32() {
 }
 
 #[test]
-fn the_default_model_scores_a_row_alike_alone_and_padded_in_a_batch() {
-    let (mut engine, _) =
-        TorchEngine::load(&model_dir("acge-default"), HASH, DeviceChoice::Cpu, Some(1)).unwrap();
-    let inputs: Vec<Vec<i64>> = fixtures()
-        .iter()
-        .map(|f| {
-            f["input"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect();
+fn the_default_model_scores_a_row_alike_alone_and_in_a_batch() {
+    let Loaded { mut engine, .. } = load("acge-default");
+    let inputs: Vec<Vec<i64>> = fixtures().iter().map(|f| ints(&f["input"])).collect();
     assert!(
         inputs.iter().map(Vec::len).min() < inputs.iter().map(Vec::len).max(),
-        "the fixtures must differ in length for the batch to pad some of them"
+        "the fixtures must differ in length for the batch to lay them out unevenly"
     );
     let refs: Vec<&[i64]> = inputs.iter().map(Vec::as_slice).collect();
     let batched = engine.infer(&refs).unwrap();

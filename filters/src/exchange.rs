@@ -290,4 +290,7 @@ pub struct Compliance {
     pub score: f64,
     /// Principles whose violation probability was over the threshold.
     pub principles: Vec<String>,
+    /// Which model of a cascade decided (`fast`, `second`, `second_skipped`); None
+    /// without a cascade.
+    pub stage: Option<&'static str>,
 }

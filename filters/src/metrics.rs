@@ -11,11 +11,17 @@ pub const INFERENCE_QUEUE_SECONDS: &str = "acge_inference_queue_seconds";
 pub const INFERENCE_SECONDS: &str = "acge_inference_seconds";
 pub const INFERENCE_ERRORS_TOTAL: &str = "acge_inference_errors_total";
 pub const INFERENCE_CACHE_TOTAL: &str = "acge_inference_cache_total";
+/// Items the cascade decided, by `stage`: `fast` (outside the band), `second` (the
+/// second model decided), `second_skipped` (inside the band, but the second model's
+/// queue was full or it failed: the fast verdict stood).
+pub const CASCADE_TOTAL: &str = "acge_cascade_total";
 pub const COMPLIANCE_SCORE: &str = "acge_compliance_score";
 pub const DECISIONS_TOTAL: &str = "acge_decisions_total";
 
 /// Batch sizes: powers of two up to the largest `max_batch` that makes sense.
-pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Compliance scores in [0, 1], finer near the 0.95 gate.
 pub const SCORE_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.97, 0.99, 1.0];

@@ -73,31 +73,8 @@ impl FiltersConfig {
     pub fn validate(&self) -> Vec<SettingError> {
         let mut errors = Vec::new();
         if let Some(acge) = &self.acge {
-            if acge.max_batch == 0 || acge.queue == 0 || acge.timeout_ms == 0 {
-                errors.push(SettingError::new(
-                    "filters.acge",
-                    "max_batch, queue and timeout_ms must each be at least 1",
-                ));
-            }
-            if acge.on.is_empty() {
-                errors.push(SettingError::new(
-                    "filters.acge.on",
-                    "list request, response or both",
-                ));
-            }
-            if let Some(t) = acge.threshold.filter(|t| !(0.0..=1.0).contains(t)) {
-                errors.push(SettingError::new(
-                    "filters.acge.threshold",
-                    format!("{t} is not a probability (0–1)"),
-                ));
-            }
-            for (i, h) in acge.headers.iter().enumerate() {
-                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                    errors.push(SettingError::new(
-                        format!("filters.acge.headers[{i}]"),
-                        format!("`{h}` is not a header name"),
-                    ));
-                }
+            for (field, why) in acge.problems() {
+                errors.push(SettingError::new(format!("filters.acge.{field}"), why));
             }
         }
         if let Some(audit) = &self.audit {
@@ -141,8 +118,16 @@ impl FiltersConfig {
     ) -> Vec<SettingError> {
         let mut errors = Vec::new();
         if let (Some(acge), true) = (&self.acge, used("acge")) {
-            if let Err(e) = AcgeFilter::check(acge, constitution_hash) {
-                errors.push(SettingError::new("filters.acge.model", e.to_string()));
+            match AcgeFilter::check(acge, constitution_hash) {
+                Ok(()) => {}
+                Err(AcgeLoadError::Second(e)) => {
+                    errors.push(SettingError::new("filters.acge.second.model", e.to_string()))
+                }
+                Err(AcgeLoadError::Principles { fast, second }) => errors.push(SettingError::new(
+                    "filters.acge.second.model",
+                    format!("its principles {second:?} are not the first model's {fast:?} (same ids, same order)"),
+                )),
+                Err(e) => errors.push(SettingError::new("filters.acge.model", e.to_string())),
             }
         }
         if let (Some(audit), true) = (&self.audit, used("audit")) {
@@ -257,6 +242,9 @@ pub fn resolve_paths(config: &mut FiltersConfig, base: &Path) {
     };
     if let Some(acge) = &mut config.acge {
         resolve(&mut acge.model);
+        if let Some(second) = &mut acge.second {
+            resolve(&mut second.model);
+        }
     }
     if let Some(audit) = &mut config.audit {
         resolve(&mut audit.dir);

@@ -24,10 +24,10 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 /// Runs `f` on a runtime with `workers` threads (one per CPU by default).
-pub fn block_on(
+pub fn block_on<T>(
     workers: Option<usize>,
-    f: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<()> {
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     // One worker needs no work stealing: the single-threaded scheduler skips its
     // cross-thread bookkeeping on every wake-up.
     let mut builder = match workers {

@@ -16,8 +16,13 @@ use tokio::sync::oneshot;
 pub trait Backend: Send + 'static {
     type Error: std::error::Error;
 
-    /// Scores a batch of inputs (each a sequence of byte ids; lengths differ, the
-    /// backend pads to the longest). Returns one row of P probabilities per input.
+    /// Called once on the inference thread before its first batch (per-thread settings
+    /// such as libtorch's intra-op thread count).
+    fn start(&mut self) {}
+
+    /// Scores a batch of inputs (each the row an [`super::encoder::Encoder`] made;
+    /// lengths differ, the backend lays them out). Returns one row of P probabilities
+    /// per input.
     fn infer(&mut self, batch: &[&[i64]]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
@@ -33,6 +38,9 @@ pub struct BatcherConfig {
 pub enum InferError {
     #[error("the inference queue is full")]
     QueueFull,
+    /// The input could not be made (a tokenizer's error).
+    #[error("{0}")]
+    Input(String),
     #[error("no result within {0:?}")]
     Timeout(Duration),
     /// The backend's error, rendered once: every item of the failed batch gets it.
@@ -47,6 +55,7 @@ impl InferError {
     pub fn kind(&self) -> &'static str {
         match self {
             InferError::QueueFull => "queue_full",
+            InferError::Input(_) => "input",
             InferError::Timeout(_) => "timeout",
             InferError::Engine(_) => "engine",
             InferError::Stopped => "stopped",
@@ -77,15 +86,17 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the inference thread, which owns `backend` until the batcher is dropped.
+    /// Starts the inference thread (`acge-{name}`), which owns `backend` until the
+    /// batcher is dropped.
     pub fn spawn<B: Backend, O: BatchObserver>(
+        name: &str,
         backend: B,
         config: BatcherConfig,
         observer: O,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
         std::thread::Builder::new()
-            .name("acge-inference".into())
+            .name(format!("acge-{name}"))
             .spawn(move || run(backend, config, observer, rx))?;
         Ok(Self {
             tx,
@@ -122,6 +133,7 @@ fn run<B: Backend, O: BatchObserver>(
     observer: O,
     rx: mpsc::Receiver<Job>,
 ) {
+    backend.start();
     let max_batch = config.max_batch.max(1);
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     loop {
@@ -236,7 +248,7 @@ mod tests {
             timeout: Duration::from_millis(500),
         };
         (
-            Arc::new(Batcher::spawn(fake, config, NoObserver).unwrap()),
+            Arc::new(Batcher::spawn("test", fake, config, NoObserver).unwrap()),
             sizes,
         )
     }

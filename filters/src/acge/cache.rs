@@ -5,7 +5,6 @@
 //! time to live, and cleared whenever the model is reloaded: a cached score always
 //! belongs to the model that is loaded.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -16,12 +15,12 @@ pub fn key(input: &[u8]) -> Key {
     Sha256::digest(input).into()
 }
 
-pub struct ScoreCache {
-    entries: quick_cache::sync::Cache<Key, (Arc<[f32]>, Instant)>,
+pub struct ScoreCache<V> {
+    entries: quick_cache::sync::Cache<Key, (V, Instant)>,
     ttl: Duration,
 }
 
-impl ScoreCache {
+impl<V: Clone> ScoreCache<V> {
     pub fn new(capacity: usize, ttl: Duration) -> Self {
         Self {
             entries: quick_cache::sync::Cache::new(capacity.max(1)),
@@ -29,8 +28,8 @@ impl ScoreCache {
         }
     }
 
-    /// The cached row, unless it is older than the TTL.
-    pub fn get(&self, key: &Key) -> Option<Arc<[f32]>> {
+    /// The cached score, unless it is older than the TTL.
+    pub fn get(&self, key: &Key) -> Option<V> {
         let (row, at) = self.entries.get(key)?;
         if at.elapsed() > self.ttl {
             self.entries.remove(key);
@@ -39,7 +38,7 @@ impl ScoreCache {
         Some(row)
     }
 
-    pub fn insert(&self, key: Key, row: Arc<[f32]>) {
+    pub fn insert(&self, key: Key, row: V) {
         self.entries.insert(key, (row, Instant::now()));
     }
 
@@ -59,10 +58,11 @@ impl ScoreCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn hits_expire_and_clear() {
-        let c = ScoreCache::new(100, Duration::from_millis(50));
+        let c = ScoreCache::<Arc<[f32]>>::new(100, Duration::from_millis(50));
         let k = key(b"POST /x\n\n{}");
         assert!(c.get(&k).is_none());
         c.insert(k, Arc::from(vec![0.1f32, 0.9]));
@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn stays_bounded() {
-        let c = ScoreCache::new(50, Duration::from_secs(60));
+        let c = ScoreCache::<Arc<[f32]>>::new(50, Duration::from_secs(60));
         for i in 0..1000u32 {
             c.insert(key(&i.to_le_bytes()), Arc::from(vec![0.0f32]));
         }

@@ -9,24 +9,23 @@
 //! `x-acge-response-compliance` and `x-acge-response-principles` (each header has one
 //! meaning). When the model cannot answer (engine error, timeout, full queue),
 //! `on_error: deny` (the default: fail closed) answers 503 and `allow` forwards with the
-//! score header set to `unavailable`; both are counted.
+//! score header set to `unavailable`; both are counted. With a `second` stage the
+//! scores come from the [`Cascade`]; which stage decided is counted per route
+//! (`acge_cascade_total`) and written in the audit record.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics::{counter, histogram, Counter, Histogram};
-use serde::{Deserialize, Serialize};
 
-use super::batcher::{BatchObserver, Batcher, BatcherConfig, InferError};
+use super::batcher::InferError;
 use super::cache::ScoreCache;
-use super::features;
-use crate::metrics::{
-    COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_BATCH_SIZE, INFERENCE_CACHE_TOTAL,
-    INFERENCE_ERRORS_TOTAL, INFERENCE_QUEUE_SECONDS, INFERENCE_SECONDS,
-};
+use super::cascade::{Cascade, Decider, Scored};
+pub use super::config::{AcgeConfig, AcgeMode, OnError, Phase, SecondConfig};
+use super::render;
+use crate::metrics::{CASCADE_TOTAL, COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_CACHE_TOTAL};
 use crate::{json_error, Compliance, Exchange, Filter, LogError, Verdict, Version};
 
 /// The request's score, on the request sent upstream.
@@ -39,102 +38,6 @@ pub const RESPONSE_COMPLIANCE_HEADER: HeaderName =
     HeaderName::from_static("x-acge-response-compliance");
 pub const RESPONSE_PRINCIPLES_HEADER: HeaderName =
     HeaderName::from_static("x-acge-response-principles");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AcgeMode {
-    #[default]
-    Enforce,
-    Observe,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    #[default]
-    Deny,
-    Allow,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Request,
-    Response,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Request => "request",
-            Phase::Response => "response",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcgeConfig {
-    /// The model directory (model.json and the TorchScript file).
-    pub model: PathBuf,
-    #[serde(default)]
-    pub mode: AcgeMode,
-    #[serde(default = "defaults::on")]
-    pub on: Vec<Phase>,
-    /// Overrides the model's own threshold.
-    #[serde(default)]
-    pub threshold: Option<f64>,
-    #[serde(default = "defaults::max_batch")]
-    pub max_batch: usize,
-    #[serde(default = "defaults::max_delay_us")]
-    pub max_delay_us: u64,
-    #[serde(default = "defaults::queue")]
-    pub queue: usize,
-    /// Per item, from queueing to result.
-    #[serde(default = "defaults::timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default)]
-    pub device: super::DeviceChoice,
-    /// libtorch intra-op threads; default libtorch's own choice.
-    #[serde(default)]
-    pub threads: Option<usize>,
-    /// Request and response headers the model reads, in this order.
-    #[serde(default = "defaults::headers")]
-    pub headers: Vec<String>,
-    #[serde(default = "defaults::cache_entries")]
-    pub cache_entries: usize,
-    #[serde(default = "defaults::cache_ttl_ms")]
-    pub cache_ttl_ms: u64,
-}
-
-mod defaults {
-    pub fn on() -> Vec<super::Phase> {
-        vec![super::Phase::Request]
-    }
-    pub fn max_batch() -> usize {
-        64
-    }
-    pub fn max_delay_us() -> u64 {
-        500
-    }
-    pub fn queue() -> usize {
-        4096
-    }
-    pub fn timeout_ms() -> u64 {
-        100
-    }
-    pub fn headers() -> Vec<String> {
-        vec!["x-constitutional-hash".into(), "content-type".into()]
-    }
-    pub fn cache_entries() -> usize {
-        10_000
-    }
-    pub fn cache_ttl_ms() -> u64 {
-        300_000
-    }
-}
 
 /// The request phase's decision, kept for the log phase's counters.
 #[derive(Debug, Clone, Copy, Default)]
@@ -196,15 +99,17 @@ pub struct RouteAcgeFilter {
     request: [PhaseMetrics; 3],
     /// Response phase, blue and green.
     response: [PhaseMetrics; 2],
+    /// By [`Decider`], when the filter has a second stage.
+    cascade: Option<[Counter; 3]>,
 }
 
-/// The model, its batcher and cache: built once, shared by every route.
+/// The models, their batchers and the cache: built once, shared by every route.
 pub struct AcgeFilter {
-    batcher: Batcher,
-    cache: ScoreCache,
+    cascade: Cascade,
+    cache: ScoreCache<Scored>,
     principles: Vec<String>,
-    threshold: f64,
-    max_len: usize,
+    /// The config's threshold, over the models' own.
+    threshold: Option<f64>,
     mode: AcgeMode,
     on_error: OnError,
     on_request: bool,
@@ -214,23 +119,6 @@ pub struct AcgeFilter {
     cache_misses: Counter,
 }
 
-/// Records the batcher's observations under the `acge_inference_*` names.
-struct Observer;
-
-impl BatchObserver for Observer {
-    fn batch(&self, size: usize, queue_waits: &[Duration], inference: Duration) {
-        histogram!(INFERENCE_BATCH_SIZE).record(size as f64);
-        histogram!(INFERENCE_SECONDS).record(inference.as_secs_f64());
-        let queue = histogram!(INFERENCE_QUEUE_SECONDS);
-        for w in queue_waits {
-            queue.record(w.as_secs_f64());
-        }
-    }
-    fn error(&self, e: &InferError) {
-        counter!(INFERENCE_ERRORS_TOTAL, "kind" => e.kind()).increment(1);
-    }
-}
-
 /// Why the filter could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum AcgeLoadError {
@@ -238,30 +126,134 @@ pub enum AcgeLoadError {
     NoTorch,
     #[error(transparent)]
     Model(#[from] super::meta::ModelError),
+    #[error("second.model: {0}")]
+    Second(super::meta::ModelError),
+    #[error("second.model: its principles {second:?} are not the first model's {fast:?} (same ids, same order)")]
+    Principles {
+        fast: Vec<String>,
+        second: Vec<String>,
+    },
     #[error("headers: `{0}` is not a header name")]
     Header(String),
     #[error("cannot start the inference thread: {0}")]
     Thread(std::io::Error),
 }
 
-impl AcgeFilter {
-    /// Loads the model and starts its inference thread.
-    #[cfg(feature = "torch")]
-    pub fn load(config: &AcgeConfig, constitution_hash: &str) -> Result<Self, AcgeLoadError> {
-        let (engine, meta) = super::engine::TorchEngine::load(
+#[cfg(feature = "torch")]
+mod load {
+    use super::super::batcher::BatcherConfig;
+    use super::super::cascade::{Band, Stage};
+    use super::super::config::default_threads;
+    use super::super::engine::{EngineOptions, TorchEngine};
+    use super::*;
+
+    /// The models a config names, loaded and checked, behind their inference threads;
+    /// with `check_only`, loaded, checked and dropped (None), for `acge-proxy check`.
+    pub(super) fn cascade(
+        config: &AcgeConfig,
+        constitution_hash: &str,
+        check_only: bool,
+    ) -> Result<Option<(Cascade, Vec<String>)>, AcgeLoadError> {
+        let engines = 1 + usize::from(config.second.is_some());
+        // Checked on the CPU when the config asks for CUDA: a missing GPU is for the
+        // machine that runs the proxy to find, not the one that checks its config.
+        let options = |device, precision, threads: Option<usize>| match (check_only, device) {
+            (true, super::super::DeviceChoice::Cuda) => EngineOptions {
+                device: super::super::DeviceChoice::Auto,
+                precision: None,
+                threads: Some(1),
+            },
+            _ => EngineOptions {
+                device,
+                precision,
+                threads: Some(threads.unwrap_or_else(|| default_threads(engines))),
+            },
+        };
+        let fast = TorchEngine::load(
             &config.model,
             constitution_hash,
-            config.device,
-            config.threads,
+            options(config.device, config.precision, config.threads),
         )?;
-        tracing::info!(model = %meta.name, version = %meta.version, device = ?engine.device(), "ACGE model loaded");
-        Self::with_backend(
-            engine,
-            meta.principles,
-            meta.threshold,
-            meta.max_len,
-            config,
+        if !check_only {
+            tracing::info!(stage = "fast", model = %fast.meta.name, version = %fast.meta.version,
+            input = fast.meta.input.kind(), device = ?fast.engine.device(),
+            precision = fast.engine.precision().as_str(), "ACGE model loaded");
+        }
+        let second = match &config.second {
+            None => None,
+            Some(s) => {
+                let loaded = TorchEngine::load(
+                    &s.model,
+                    constitution_hash,
+                    options(s.device, s.precision, s.threads),
+                )
+                .map_err(AcgeLoadError::Second)?;
+                if loaded.meta.principles != fast.meta.principles {
+                    return Err(AcgeLoadError::Principles {
+                        fast: fast.meta.principles,
+                        second: loaded.meta.principles,
+                    });
+                }
+                if !check_only {
+                    tracing::info!(stage = "second", model = %loaded.meta.name,
+                    version = %loaded.meta.version, input = loaded.meta.input.kind(),
+                    device = ?loaded.engine.device(),
+                    precision = loaded.engine.precision().as_str(),
+                    band = ?s.band, "ACGE model loaded");
+                }
+                Some((s, loaded))
+            }
+        };
+        if check_only {
+            return Ok(None);
+        }
+        let principles = fast.meta.principles.clone();
+        let fast_stage = Stage::spawn(
+            "fast",
+            fast.engine,
+            fast.encoder,
+            fast.meta.threshold,
+            BatcherConfig {
+                max_batch: config.max_batch,
+                max_delay: Duration::from_micros(config.max_delay_us),
+                queue: config.queue,
+                timeout: Duration::from_millis(config.timeout_ms),
+            },
         )
+        .map_err(AcgeLoadError::Thread)?;
+        let second = match second {
+            None => None,
+            Some((s, loaded)) => Some((
+                Stage::spawn(
+                    "second",
+                    loaded.engine,
+                    loaded.encoder,
+                    loaded.meta.threshold,
+                    BatcherConfig {
+                        max_batch: s.max_batch,
+                        max_delay: Duration::from_micros(s.max_delay_us),
+                        queue: s.max_queue,
+                        timeout: Duration::from_millis(s.timeout_ms),
+                    },
+                )
+                .map_err(AcgeLoadError::Thread)?,
+                Band {
+                    lo: s.band[0] as f32,
+                    hi: s.band[1] as f32,
+                },
+            )),
+        };
+        Ok(Some((Cascade::new(fast_stage, second), principles)))
+    }
+}
+
+impl AcgeFilter {
+    /// Loads the model (and the second stage's) and starts the inference threads.
+    #[cfg(feature = "torch")]
+    pub fn load(config: &AcgeConfig, constitution_hash: &str) -> Result<Self, AcgeLoadError> {
+        let (cascade, principles) = load::cascade(config, constitution_hash, false)?
+            .expect("a cascade that is not only checked is returned");
+        Self::with_cascade(cascade, principles, config)
     }
 
     #[cfg(not(feature = "torch"))]
@@ -269,34 +261,29 @@ impl AcgeFilter {
         Err(AcgeLoadError::NoTorch)
     }
 
-    /// Loads the model as [`AcgeFilter::load`] would (metadata, constitution hash,
-    /// module, output shape), and lets it go again: starts no thread. For
-    /// `acge-proxy check`.
+    /// Loads the models as [`AcgeFilter::load`] would (metadata, constitution hash,
+    /// tokenizer, module, output shape, the stages' principles), and lets them go
+    /// again. For `acge-proxy check`.
     pub fn check(config: &AcgeConfig, constitution_hash: &str) -> Result<(), AcgeLoadError> {
         #[cfg(feature = "torch")]
         {
-            // Checked on the CPU when the config asks for CUDA: a missing GPU is for the
-            // machine that runs the proxy to find, not the one that checks its config.
-            let device = match config.device {
-                super::DeviceChoice::Cuda => super::DeviceChoice::Auto,
-                d => d,
-            };
-            super::engine::TorchEngine::load(&config.model, constitution_hash, device, None)?;
-            Ok(())
+            load::cascade(config, constitution_hash, true).map(|_| ())
         }
         #[cfg(not(feature = "torch"))]
         {
             super::meta::ModelMeta::read(&config.model, constitution_hash)?;
+            if let Some(s) = &config.second {
+                super::meta::ModelMeta::read(&s.model, constitution_hash)
+                    .map_err(AcgeLoadError::Second)?;
+            }
             Err(AcgeLoadError::NoTorch)
         }
     }
 
-    /// Builds the filter over any backend (the engine, or a stand-in).
-    pub fn with_backend<B: super::batcher::Backend>(
-        backend: B,
+    /// Builds the filter over a cascade of any backends (the engines, or stand-ins).
+    pub fn with_cascade(
+        cascade: Cascade,
         principles: Vec<String>,
-        model_threshold: f64,
-        max_len: usize,
         config: &AcgeConfig,
     ) -> Result<Self, AcgeLoadError> {
         let headers = config
@@ -306,26 +293,14 @@ impl AcgeFilter {
                 HeaderName::from_bytes(h.as_bytes()).map_err(|_| AcgeLoadError::Header(h.clone()))
             })
             .collect::<Result<_, _>>()?;
-        let batcher = Batcher::spawn(
-            backend,
-            BatcherConfig {
-                max_batch: config.max_batch,
-                max_delay: Duration::from_micros(config.max_delay_us),
-                queue: config.queue,
-                timeout: Duration::from_millis(config.timeout_ms),
-            },
-            Observer,
-        )
-        .map_err(AcgeLoadError::Thread)?;
         Ok(Self {
-            batcher,
+            cascade,
             cache: ScoreCache::new(
                 config.cache_entries,
                 Duration::from_millis(config.cache_ttl_ms),
             ),
             principles,
-            threshold: config.threshold.unwrap_or(model_threshold),
-            max_len,
+            threshold: config.threshold,
             mode: config.mode,
             on_error: config.on_error,
             on_request: config.on.contains(&Phase::Request),
@@ -344,13 +319,30 @@ impl AcgeFilter {
         headers: &http::HeaderMap,
         body: Option<&[u8]>,
     ) -> Result<Compliance, InferError> {
-        self.score(features::Input::Request {
+        self.score(render::Input::Request {
             method,
             path,
             headers,
             body,
         })
         .await
+        .map(|(c, _)| c)
+    }
+
+    /// Scores a response exactly as `on_response` does (for `acge-proxy model eval`).
+    pub async fn score_response(
+        &self,
+        status: u16,
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Result<Compliance, InferError> {
+        self.score(render::Input::Response {
+            status,
+            headers,
+            body,
+        })
+        .await
+        .map(|(c, _)| c)
     }
 
     pub fn principles(&self) -> &[String] {
@@ -358,36 +350,40 @@ impl AcgeFilter {
     }
 
     /// Scores one input: from the cache (keyed on the raw input, so a hit renders
-    /// nothing), or rendered and run through the batcher.
-    async fn score(&self, input: features::Input<'_>) -> Result<Compliance, InferError> {
+    /// nothing), or rendered once and run through the cascade. The decider is None for
+    /// a cache hit (it was counted when the score was made).
+    async fn score(
+        &self,
+        input: render::Input<'_>,
+    ) -> Result<(Compliance, Option<Decider>), InferError> {
         let key = input.cache_key(&self.headers);
-        let row = match self.cache.get(&key) {
-            Some(row) => {
+        let (scored, fresh) = match self.cache.get(&key) {
+            Some(scored) => {
                 self.cache_hits.increment(1);
-                row
+                (scored, false)
             }
             None => {
                 self.cache_misses.increment(1);
-                let row: Arc<[f32]> = self
-                    .batcher
-                    .infer(features::encode(&input.render(&self.headers), self.max_len))
-                    .await?
-                    .into();
-                self.cache.insert(key, row.clone());
-                row
+                let scored = self.cascade.score(&input.render(&self.headers)).await?;
+                self.cache.insert(key, scored.clone());
+                (scored, true)
             }
         };
-        let worst = row.iter().copied().fold(0.0f32, f32::max);
-        let principles = row
+        let threshold = self.threshold.unwrap_or(scored.threshold);
+        let worst = scored.row.iter().copied().fold(0.0f32, f32::max);
+        let principles = scored
+            .row
             .iter()
             .zip(&self.principles)
-            .filter(|(p, _)| f64::from(**p) > self.threshold)
+            .filter(|(p, _)| f64::from(**p) > threshold)
             .map(|(_, id)| id.clone())
             .collect();
-        Ok(Compliance {
+        let compliance = Compliance {
             score: 1.0 - f64::from(worst),
             principles,
-        })
+            stage: self.cascade.has_second().then(|| scored.decider.as_str()),
+        };
+        Ok((compliance, fresh.then_some(scored.decider)))
     }
 
     /// Keeps the worse of the request's and the response's judgement for the audit log.
@@ -428,6 +424,19 @@ impl AcgeFilter {
                 PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Response),
                 PhaseMetrics::new(route, Version::Green.as_str(), Phase::Response),
             ],
+            cascade: self.cascade.has_second().then(|| {
+                Decider::ALL.map(|d| {
+                    counter!(CASCADE_TOTAL, "route" => route.to_string(), "stage" => d.as_str())
+                })
+            }),
+        }
+    }
+}
+
+impl RouteAcgeFilter {
+    fn count(&self, decider: Option<Decider>) {
+        if let (Some(counters), Some(d)) = (&self.cascade, decider) {
+            counters[d as usize].increment(1);
         }
     }
 }
@@ -451,14 +460,15 @@ impl Filter for RouteAcgeFilter {
         if !f.on_request {
             return Verdict::Continue;
         }
-        let input = features::Input::Request {
+        let input = render::Input::Request {
             method: &ex.request.method,
             path: ex.request.uri.path(),
             headers: &ex.request.headers,
             body: ex.request_body.as_deref(),
         };
         match f.score(input).await {
-            Ok(c) => {
+            Ok((c, decider)) => {
+                self.count(decider);
                 // The version is not chosen yet; the score is recorded under `none`.
                 self.request[Version::NONE_INDEX].score.record(c.score);
                 ex.attributes.insert(Decisions {
@@ -507,14 +517,15 @@ impl Filter for RouteAcgeFilter {
         let (true, Some(version)) = (f.on_response, answer.upstream()) else {
             return Verdict::Continue;
         };
-        let input = features::Input::Response {
+        let input = render::Input::Response {
             status: answer.status.as_u16(),
             headers: &answer.headers,
             body: answer.body.as_deref(),
         };
         let metrics = &self.response[version as usize];
         match f.score(input).await {
-            Ok(c) => {
+            Ok((c, decider)) => {
+                self.count(decider);
                 metrics.score.record(c.score);
                 metrics.decisions[Decision::of(&c) as usize].increment(1);
                 let compliant = c.principles.is_empty();

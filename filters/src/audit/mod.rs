@@ -75,6 +75,7 @@ fn record(ex: &Exchange, end: &End) -> AuditRecord {
         hash_response: hash.response.map(|r| r.as_str().to_string()),
         compliance: compliance.map(|c| c.score),
         principles: compliance.map(|c| c.principles.clone()).unwrap_or_default(),
+        acge_stage: compliance.and_then(|c| c.stage).map(str::to_string),
         decision: decision(ex, end).to_string(),
         latency_ms: (latency_ms * 1000.0).round() / 1000.0,
         event: None,

@@ -55,6 +55,10 @@ pub struct AuditRecord {
     pub compliance: Option<f64>,
     #[serde(default)]
     pub principles: Vec<String>,
+    /// Which model of a cascade decided (`fast`, `second`, `second_skipped`); absent
+    /// without a cascade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acge_stage: Option<String>,
     /// `allowed`, `denied`, `error` or `aborted`.
     pub decision: String,
     pub latency_ms: f64,

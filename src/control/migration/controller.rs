@@ -387,6 +387,7 @@ impl Controller {
             hash_response: None,
             compliance: None,
             principles: vec![],
+            acge_stage: None,
             decision: action.to_string(),
             latency_ms: 0.0,
             event: Some(json!({

@@ -1,0 +1,61 @@
+//! `acge-proxy model eval|bench`. `eval` runs a labelled set through the same path the
+//! proxy uses (canonical rendering, encoder, batcher, engine, threshold) and reports how
+//! the model did ([`eval`]); `bench` times rendering, encoding and the module apart, at
+//! each batch size, and a cascade end to end ([`bench`]).
+//!
+//! The set is JSON lines as `../shared/eval/README.md` describes: `service`, `method`,
+//! `path`, optional `headers`, `body`, `label` (`comply` | `violate`) and, for
+//! violations, `principle`.
+
+mod bench;
+mod eval;
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Run a labelled JSONL set through the proxy's inference path and report accuracy,
+    /// false denies, recall per principle, the confusion matrix and items/s.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Override the model's threshold.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// The constitution hash the model must have been trained for.
+        #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
+        constitution_hash: String,
+    },
+    /// Time rendering, encoding and the module (µs per item, items/s at each batch
+    /// size), and a cascade end to end.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs a `model` subcommand.
+pub fn run(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Bench(args) => bench::run(&args),
+        ModelCommand::Eval {
+            model,
+            data,
+            json,
+            threshold,
+            constitution_hash,
+        } => super::block_on(None, async move {
+            let r = eval::evaluate(&model, &data, &constitution_hash, threshold).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }),
+    }
+}
