@@ -112,14 +112,15 @@ class Hashed:
 
     def __init__(self, spec):
         assert spec["hash"] == "fmix64", spec["hash"]
-        self.buckets = np.uint64(spec["buckets"])
+        assert spec["buckets"] & (spec["buckets"] - 1) == 0, "buckets: a power of two"
+        self.mask = np.uint64(spec["buckets"] - 1)
         self.lowercase = spec.get("lowercase", True)
         self.features = spec["features"]
         self._words = {}
 
     def _bucket(self, keys, seed):
         s = np.uint64((seed * GOLDEN) & MASK)
-        return (_fmix64(keys ^ s) % self.buckets).astype(np.int64)
+        return (_fmix64(keys ^ s) & self.mask).astype(np.int64)
 
     def _word_key(self, w):
         k = self._words.get(w)

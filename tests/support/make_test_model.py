@@ -12,6 +12,8 @@ tokens: a BERT-shaped encoder (token and position embeddings, one transformer la
 
 --constant P makes every output P (for cascade routing tests); --slow N adds N
 256×256 matrix products per batch (a model slow enough to fill its queue).
+`--kind tokens --width 384 --layers 6 --heads 12 --max-tokens 128` is MiniLM-L6-shaped
+(random weights, for speed measurements only).
 
 OUT_DIR gets model.pt, model.json (and tokenizer.json) and fixtures.json: renderings,
 the input ids Python computes for them, and the outputs PyTorch computes, one at a time.
@@ -99,19 +101,20 @@ class TinyHashed(torch.nn.Module):
 
 
 class TinyBert(torch.nn.Module):
-    def __init__(self, outputs: int, vocab: int, max_tokens: int):
+    def __init__(self, outputs: int, vocab: int, max_tokens: int, width: int, layers: int, heads: int):
         super().__init__()
-        self.tokens = torch.nn.Embedding(vocab, 32)
-        self.positions = torch.nn.Embedding(max_tokens, 32)
+        self.tokens = torch.nn.Embedding(vocab, width)
+        self.positions = torch.nn.Embedding(max_tokens, width)
         self.register_buffer("position_ids", torch.arange(max_tokens).unsqueeze(0))
-        self.layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
-        self.norm = torch.nn.LayerNorm(32)
-        self.head = torch.nn.Linear(32, outputs)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width if width > 32 else 64, dropout=0.0, batch_first=True)
+        self.layers = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, outputs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         t = input_ids.size(1)
         x = self.norm(self.tokens(input_ids) + self.positions(self.position_ids[:, :t]))
-        x = self.layer(x, src_key_padding_mask=attention_mask == 0)
+        x = self.layers(x, src_key_padding_mask=attention_mask == 0)
         m = attention_mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
         return torch.sigmoid(self.head(pooled))
@@ -145,6 +148,9 @@ def main() -> None:
     ap.add_argument("--slow", type=int, default=0, help="matrix products per batch")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--width", type=int, default=32, help="tokens: hidden size (MiniLM-L6: 384)")
+    ap.add_argument("--layers", type=int, default=1, help="tokens: encoder layers (MiniLM-L6: 6)")
+    ap.add_argument("--heads", type=int, default=2, help="tokens: attention heads (MiniLM-L6: 12)")
     args = ap.parse_args()
     torch.manual_seed(7)
     principles = PRINCIPLES[: args.principles]
@@ -173,7 +179,7 @@ def main() -> None:
         meta["input"] = {"kind": "tokens", "tokenizer": "tokenizer.json", "max_tokens": args.max_tokens}
         write_tokenizer(os.path.join(args.out, "tokenizer.json"))
         tokens = acge_input.Tokens(os.path.join(args.out, "tokenizer.json"), args.max_tokens)
-        model = TinyBert(outputs, len(set(VOCAB)), args.max_tokens).eval()
+        model = TinyBert(outputs, len(set(VOCAB)), args.max_tokens, args.width, args.layers, args.heads).eval()
         encode = lambda r: tokens.ids(acge_input.cut(r, args.max_len, "head_tail"))  # noqa: E731
         run = lambda x: model(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.int64))  # noqa: E731
     torch.jit.script(model).save(os.path.join(args.out, "model.pt"))

@@ -2,8 +2,10 @@
 //! module does only table look-ups and its MLP (docs/model-contract.md).
 //!
 //! Every feature is a 64-bit key, placed in a bucket by
-//! `fmix64(key ^ seed · 0x9E3779B97F4A7C15) mod buckets` (wrapping arithmetic;
-//! `fmix64` is MurmurHash3's finaliser), each feature kind with its own seed:
+//! `fmix64(key ^ seed · 0x9E3779B97F4A7C15) & (buckets − 1)` (wrapping arithmetic;
+//! `fmix64` is MurmurHash3's finaliser, whose low bits are as mixed as its high ones;
+//! `buckets` is a power of two, so no division is paid per feature), each feature kind
+//! with its own seed:
 //!
 //! - `char_ngrams`, size n: the bytes b₀…bₙ₋₁ at each position, key
 //!   `(Σ bᵢ · 257^(n−1−i)) << 3 | n` — exact, since 257⁷ < 2⁵⁷;
@@ -44,7 +46,8 @@ fn is_word_byte(b: u8) -> bool {
 
 /// A `hashed` spec made ready to compute.
 pub struct Hasher {
-    buckets: u64,
+    /// buckets − 1.
+    mask: u64,
     lowercase: bool,
     features: Vec<Feature>,
     needs_words: bool,
@@ -53,7 +56,7 @@ pub struct Hasher {
 impl Hasher {
     pub fn new(spec: &HashedSpec) -> Self {
         Self {
-            buckets: spec.buckets,
+            mask: spec.buckets - 1,
             lowercase: spec.lowercase,
             needs_words: spec
                 .features
@@ -63,9 +66,9 @@ impl Hasher {
         }
     }
 
-    fn bucket(&self, key: u64, seed: u64) -> i64 {
+    fn bucket(&self, key: u64, mixed_seed: u64) -> i64 {
         // buckets ≤ 2^40 (checked when model.json is read), so the id fits an i64.
-        (fmix64(key ^ seed.wrapping_mul(GOLDEN)) % self.buckets) as i64
+        (fmix64(key ^ mixed_seed) & self.mask) as i64
     }
 
     /// The bucket ids of one cut rendering.
@@ -88,30 +91,52 @@ impl Hasher {
         let mut out = Vec::with_capacity(self.count(x.len(), words.len()));
         for feature in &self.features {
             match feature {
-                Feature::CharNgrams { n, seed } => {
-                    for &n in n {
-                        let n = usize::from(n);
-                        for gram in x.windows(n) {
-                            let v = gram
-                                .iter()
-                                .fold(0u64, |v, b| v.wrapping_mul(257).wrapping_add(u64::from(*b)));
-                            out.push(self.bucket(v << 3 | n as u64, *seed));
-                        }
-                    }
-                }
+                Feature::CharNgrams { n, seed } => self.ngrams(x, n, *seed, &mut out),
                 Feature::Words { seed } => {
-                    out.extend(words.iter().map(|w| self.bucket(*w, *seed)));
+                    let s = seed.wrapping_mul(GOLDEN);
+                    out.extend(words.iter().map(|w| self.bucket(*w, s)));
                 }
                 Feature::WordPairs { seed } => {
+                    let s = seed.wrapping_mul(GOLDEN);
                     out.extend(
-                        words.windows(2).map(|p| {
-                            self.bucket(p[0].wrapping_mul(GOLDEN).wrapping_add(p[1]), *seed)
-                        }),
+                        words
+                            .windows(2)
+                            .map(|p| self.bucket(p[0].wrapping_mul(GOLDEN).wrapping_add(p[1]), s)),
                     );
                 }
             }
         }
         out
+    }
+
+    /// The n-grams of every listed size in one pass over the positions: the value of a
+    /// position's n-gram extends its (n−1)-gram by one byte, and each size's ids go to
+    /// that size's own stretch of `out`, in position order.
+    fn ngrams(&self, x: &[u8], sizes: &[u8], seed: u64, out: &mut Vec<i64>) {
+        let s = seed.wrapping_mul(GOLDEN);
+        let base = out.len();
+        let mut starts = [0usize; 8];
+        let mut at = base;
+        for (k, &n) in sizes.iter().enumerate() {
+            starts[k] = at;
+            at += x.len().saturating_sub(usize::from(n) - 1);
+        }
+        out.resize(at, 0);
+        let longest = sizes.iter().copied().max().map_or(0, usize::from);
+        let mut want = [usize::MAX; 8];
+        for (k, &n) in sizes.iter().enumerate() {
+            want[usize::from(n)] = k;
+        }
+        for i in 0..x.len() {
+            let mut v = 0u64;
+            for len in 1..=longest.min(x.len() - i) {
+                v = v.wrapping_mul(257).wrapping_add(u64::from(x[i + len - 1]));
+                let k = want[len];
+                if k != usize::MAX {
+                    out[starts[k] + i] = self.bucket(v << 3 | len as u64, s);
+                }
+            }
+        }
     }
 
     fn count(&self, len: usize, words: usize) -> usize {
@@ -181,7 +206,7 @@ mod tests {
             Feature::WordPairs { seed: 9 },
         ]));
         let key = (u64::from(b'a') * 257 * 257 + u64::from(b'b') * 257 + u64::from(b'c')) << 3 | 3;
-        let gram = (fmix64(key ^ 5u64.wrapping_mul(GOLDEN)) % (1 << 20)) as i64;
+        let gram = (fmix64(key ^ 5u64.wrapping_mul(GOLDEN)) & ((1 << 20) - 1)) as i64;
         let (a, b) = (fnv1a(b"abc"), fnv1a(b"d"));
         let pair = (fmix64(a.wrapping_mul(GOLDEN).wrapping_add(b) ^ 9u64.wrapping_mul(GOLDEN))
             % (1 << 20)) as i64;
@@ -194,9 +219,32 @@ mod tests {
     }
 
     #[test]
+    fn ngram_sizes_come_in_the_listed_order_then_by_position() {
+        let one = |n: u8| {
+            Hasher::new(&spec(vec![Feature::CharNgrams {
+                n: vec![n],
+                seed: 4,
+            }]))
+            .ids(b"abcdefg")
+        };
+        let both = Hasher::new(&spec(vec![Feature::CharNgrams {
+            n: vec![5, 3],
+            seed: 4,
+        }]))
+        .ids(b"abcdefg");
+        assert_eq!(both, [one(5), one(3)].concat());
+        assert_eq!(one(7).len(), 1, "one 7-gram in 7 bytes");
+        let seven = Hasher::new(&spec(vec![Feature::CharNgrams {
+            n: vec![7],
+            seed: 4,
+        }]));
+        assert!(seven.ids(b"abc").is_empty(), "none in fewer bytes");
+    }
+
+    #[test]
     fn every_id_is_a_bucket() {
         let h = Hasher::new(&HashedSpec {
-            buckets: 97,
+            buckets: 128,
             ..spec(vec![
                 Feature::CharNgrams {
                     n: vec![1, 7],
@@ -206,6 +254,6 @@ mod tests {
             ])
         });
         let ids = h.ids("naïve café, 42 — ok".as_bytes());
-        assert!(ids.iter().all(|i| (0..97).contains(i)), "{ids:?}");
+        assert!(ids.iter().all(|i| (0..128).contains(i)), "{ids:?}");
     }
 }

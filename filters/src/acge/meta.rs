@@ -94,7 +94,8 @@ pub struct HashedSpec {
     /// The hash function; `fmix64` is the only one (named, so that a model asking for
     /// another one is refused instead of read wrongly).
     pub hash: String,
-    /// Bucket ids are in `0..buckets`: the module's table has this many rows.
+    /// Bucket ids are in `0..buckets`, a power of two: the module's table has this many
+    /// rows.
     pub buckets: u64,
     /// ASCII letters are lower-cased before any feature is taken.
     #[serde(default = "yes")]
@@ -294,8 +295,11 @@ impl InputSpec {
                         h.hash
                     ));
                 }
-                if !(2..=MAX_BUCKETS).contains(&h.buckets) {
-                    return Err(format!("input.buckets: {} is outside 2–2^40", h.buckets));
+                if !(2..=MAX_BUCKETS).contains(&h.buckets) || !h.buckets.is_power_of_two() {
+                    return Err(format!(
+                        "input.buckets: {} is not a power of two from 2 to 2^40",
+                        h.buckets
+                    ));
                 }
                 if h.features.is_empty() {
                     return Err("input.features: list at least one feature".into());
@@ -309,6 +313,11 @@ impl InputSpec {
                             return Err(format!(
                                 "input.features[{i}].n: {bad} is not an n-gram size (1–7)"
                             ));
+                        }
+                        if let Some(twice) =
+                            n.iter().find(|x| n.iter().filter(|y| y == x).count() > 1)
+                        {
+                            return Err(format!("input.features[{i}].n: {twice} is listed twice"));
                         }
                     }
                 }
@@ -391,6 +400,10 @@ mod tests {
             (
                 serde_json::json!({"kind": "hashed", "hash": "fmix64", "buckets": 8, "features": [], "bucket": 3}),
                 "input.bucket: unknown field `bucket`",
+            ),
+            (
+                serde_json::json!({"kind": "hashed", "hash": "fmix64", "buckets": 1000, "features": [{"kind": "words", "seed": 1}]}),
+                "input.buckets: 1000 is not a power of two",
             ),
             (
                 serde_json::json!({"kind": "hashed", "hash": "md5", "buckets": 8, "features": [{"kind": "words", "seed": 1}]}),

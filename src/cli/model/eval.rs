@@ -5,7 +5,7 @@
 //! violations, `principle`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,6 +62,20 @@ pub struct Report {
     pub per_principle_recall: BTreeMap<String, f64>,
     pub confusion: Confusion,
     pub items_per_second: f64,
+    /// With a cascade: the share of items each stage decided (`fast`, `second`,
+    /// `second_skipped`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<BTreeMap<&'static str, f64>>,
+}
+
+/// How `eval` runs the model: where, and with which second stage.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub threshold: Option<f64>,
+    pub device: Option<String>,
+    pub precision: Option<String>,
+    pub second: Option<PathBuf>,
+    pub band: Option<[f64; 2]>,
 }
 
 impl std::fmt::Display for Report {
@@ -89,6 +103,12 @@ impl std::fmt::Display for Report {
         for (p, r) in &self.per_principle_recall {
             writeln!(f, "  {p:<15} {:.2} %", r * 100.0)?;
         }
+        if let Some(stages) = &self.stages {
+            writeln!(f, "decided by")?;
+            for (s, share) in stages {
+                writeln!(f, "  {s:<15} {:.2} %", share * 100.0)?;
+            }
+        }
         Ok(())
     }
 }
@@ -98,7 +118,7 @@ pub async fn evaluate(
     model: &Path,
     data: &Path,
     constitution_hash: &str,
-    threshold: Option<f64>,
+    options: &EvalOptions,
 ) -> anyhow::Result<Report> {
     let text = std::fs::read_to_string(data).with_context(|| data.display().to_string())?;
     let mut cases = Vec::new();
@@ -117,15 +137,35 @@ pub async fn evaluate(
         }
         cases.push(case);
     }
-    let config: AcgeConfig = serde_json::from_value(serde_json::json!({
+    let mut settings = serde_json::json!({
         "model": model,
-        "threshold": threshold,
+        "threshold": options.threshold,
         "max_batch": 64,
         "max_delay_us": 1000,
         "queue": cases.len().max(1),
         "timeout_ms": 60_000,
         "cache_entries": 1,
-    }))?;
+        "cache_ttl_ms": 0,
+        "device": options.device.as_deref().unwrap_or("auto"),
+        "precision": options.precision,
+    });
+    if let Some(second) = &options.second {
+        // A queue for every item: an evaluation measures the cascade's decisions, not
+        // its behaviour under overload.
+        settings["second"] = serde_json::json!({
+            "model": second,
+            "band": options.band.unwrap_or([0.2, 0.8]),
+            "max_queue": cases.len().max(1),
+            "max_batch": 64,
+            "timeout_ms": 60_000,
+            "device": options.device.as_deref().unwrap_or("auto"),
+            "precision": options.precision,
+        });
+    }
+    let config: AcgeConfig = serde_json::from_value(settings).context("--device or --precision")?;
+    if let Some((field, why)) = config.problems().into_iter().next() {
+        anyhow::bail!("{field}: {why}");
+    }
     let filter = Arc::new(AcgeFilter::load(&config, constitution_hash)?);
 
     let started = Instant::now();
@@ -199,6 +239,14 @@ pub async fn evaluate(
             .map(|(p, (hit, total))| (p, ratio(hit, total)))
             .collect(),
         confusion,
+        stages: options.second.is_some().then(|| {
+            let mut shares = BTreeMap::new();
+            for stage in ["fast", "second", "second_skipped"] {
+                let n = results.iter().filter(|c| c.stage == Some(stage)).count();
+                shares.insert(stage, ratio(n as u64, items));
+            }
+            shares
+        }),
         items_per_second: if elapsed > 0.0 {
             items as f64 / elapsed
         } else {

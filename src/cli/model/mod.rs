@@ -29,6 +29,18 @@ pub enum ModelCommand {
         /// Override the model's threshold.
         #[arg(long)]
         threshold: Option<f64>,
+        /// auto, cpu or cuda.
+        #[arg(long)]
+        device: Option<String>,
+        /// fp32, fp16 or bf16; default bf16 on CUDA, fp32 on the CPU.
+        #[arg(long)]
+        precision: Option<String>,
+        /// A second model: evaluate the cascade of the two.
+        #[arg(long)]
+        second: Option<PathBuf>,
+        /// The cascade's band, `lo,hi`.
+        #[arg(long, value_delimiter = ',', num_args = 2)]
+        band: Option<Vec<f64>>,
         /// The constitution hash the model must have been trained for.
         #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
         constitution_hash: String,
@@ -47,9 +59,20 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             data,
             json,
             threshold,
+            device,
+            precision,
+            second,
+            band,
             constitution_hash,
         } => super::block_on(None, async move {
-            let r = eval::evaluate(&model, &data, &constitution_hash, threshold).await?;
+            let options = eval::EvalOptions {
+                threshold,
+                device,
+                precision,
+                second,
+                band: band.map(|b| [b[0], b[1]]),
+            };
+            let r = eval::evaluate(&model, &data, &constitution_hash, &options).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
