@@ -15,7 +15,7 @@ independent test sets (models/eval/) are never read here.
 The model takes the `hashed` input (docs/model-contract.md): the proxy computes, in
 Rust, the bucket ids of character 3-, 4- and 5-grams, words and word pairs of the cut
 rendering; models/acge_input.py computes the same ids here. The module is one sum bag
-over those ids (16 averaged columns: what the input is about; 6 summed: evidence per
+over those ids (10 averaged columns: what the input is about; 6 summed: evidence per
 principle, not diluted by a long harmless body), an MLP and one sigmoid per principle.
 
 Writes:
@@ -261,7 +261,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--buckets", type=int, default=1 << 16)
     ap.add_argument("--ngrams", default="3,4,5")
-    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=10, help="averaged columns of the bag; with the 6 evidence columns a row is 16 floats, one cache line")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--drop", type=float, default=0.2, help="feature dropout while training")
     args = ap.parse_args()

@@ -132,8 +132,12 @@ fn rust_renders_hashes_and_scores_the_training_scripts_fixtures_alike() {
     }
 }
 
+/// Quantization moves a probability a little: the int8 variant is within `TOLERANCE` of
+/// fp32 on every fixture, so it decides alike wherever fp32 is further than that from
+/// the threshold (a case nearer to it may go either way, and is not asserted).
 #[test]
-fn the_int8_variant_loads_and_decides_as_fp32() {
+fn the_int8_variant_loads_and_stays_close_to_fp32() {
+    const TOLERANCE: f64 = 0.15;
     let Loaded {
         engine: mut fp32,
         meta,
@@ -142,17 +146,21 @@ fn the_int8_variant_loads_and_decides_as_fp32() {
     let Loaded {
         engine: mut int8, ..
     } = load("acge-default-int8");
+    let mut decided = 0;
     for f in fixtures() {
         let input = ints(&f["input"]);
         let a = fp32.infer(&[input.as_slice()]).unwrap().remove(0);
         let b = int8.infer(&[input.as_slice()]).unwrap().remove(0);
-        let over = |row: &[f32]| {
-            row.iter()
-                .map(|p| f64::from(*p) > meta.threshold)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(over(&a), over(&b), "{a:?} vs {b:?}");
+        for (p, q) in a.iter().zip(&b) {
+            let (p, q) = (f64::from(*p), f64::from(*q));
+            assert!((p - q).abs() <= TOLERANCE, "{a:?} vs {b:?}");
+            if (p - meta.threshold).abs() > TOLERANCE {
+                assert_eq!(p > meta.threshold, q > meta.threshold, "{a:?} vs {b:?}");
+                decided += 1;
+            }
+        }
     }
+    assert!(decided > 0, "no fixture was clear of the threshold");
 }
 
 #[test]

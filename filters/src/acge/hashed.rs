@@ -109,33 +109,19 @@ impl Hasher {
         out
     }
 
-    /// The n-grams of every listed size in one pass over the positions: the value of a
-    /// position's n-gram extends its (n−1)-gram by one byte, and each size's ids go to
-    /// that size's own stretch of `out`, in position order.
+    /// The n-grams of each listed size in turn, by position. (One pass over the
+    /// positions extending each (n−1)-gram by a byte was tried: 12 % slower, its
+    /// indexed writes checked where `extend` over `windows` is not.)
     fn ngrams(&self, x: &[u8], sizes: &[u8], seed: u64, out: &mut Vec<i64>) {
         let s = seed.wrapping_mul(GOLDEN);
-        let base = out.len();
-        let mut starts = [0usize; 8];
-        let mut at = base;
-        for (k, &n) in sizes.iter().enumerate() {
-            starts[k] = at;
-            at += x.len().saturating_sub(usize::from(n) - 1);
-        }
-        out.resize(at, 0);
-        let longest = sizes.iter().copied().max().map_or(0, usize::from);
-        let mut want = [usize::MAX; 8];
-        for (k, &n) in sizes.iter().enumerate() {
-            want[usize::from(n)] = k;
-        }
-        for i in 0..x.len() {
-            let mut v = 0u64;
-            for len in 1..=longest.min(x.len() - i) {
-                v = v.wrapping_mul(257).wrapping_add(u64::from(x[i + len - 1]));
-                let k = want[len];
-                if k != usize::MAX {
-                    out[starts[k] + i] = self.bucket(v << 3 | len as u64, s);
-                }
-            }
+        for &n in sizes {
+            let n = usize::from(n);
+            out.extend(x.windows(n).map(|g| {
+                let v = g
+                    .iter()
+                    .fold(0u64, |v, b| v.wrapping_mul(257).wrapping_add(u64::from(*b)));
+                self.bucket(v << 3 | n as u64, s)
+            }));
         }
     }
 

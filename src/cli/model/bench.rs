@@ -128,12 +128,17 @@ fn print(args: &BenchArgs, models: &[ModelReport], cascade: Option<&CascadeRepor
             "rendering {:.1} µs/item, encoding {:.1} µs/item (on the caller's thread)",
             m.render_us, m.encode_us
         );
-        println!("| batch | module µs/item | items/s |");
-        println!("| ---: | ---: | ---: |");
+        println!(
+            "| batch | module µs/item | module items/s | with rendering and encoding, µs/item |"
+        );
+        println!("| ---: | ---: | ---: | ---: |");
         for r in &m.rows {
             println!(
-                "| {} | {:.1} | {:.0} |",
-                r.batch, r.micros_per_item, r.items_per_second
+                "| {} | {:.1} | {:.0} | {:.1} |",
+                r.batch,
+                r.micros_per_item,
+                r.items_per_second,
+                r.micros_per_item + m.render_us + m.encode_us
             );
         }
         println!();
@@ -265,17 +270,22 @@ fn from_data(path: &Path) -> anyhow::Result<Vec<Request>> {
 }
 
 /// Runs `f` over and over for at least `min`, and returns its mean time.
+/// The median time of one call of `f`, over as many calls as fill `min` (at least five,
+/// after three to warm up): a median, so that a call the scheduler or another process
+/// stalled does not move the figure.
 fn time(min: Duration, mut f: impl FnMut()) -> Duration {
     for _ in 0..3 {
         f();
     }
     let started = Instant::now();
-    let mut runs = 0u32;
-    while runs < 3 || started.elapsed() < min {
+    let mut runs = Vec::new();
+    while runs.len() < 5 || started.elapsed() < min {
+        let t = Instant::now();
         f();
-        runs += 1;
+        runs.push(t.elapsed());
     }
-    started.elapsed() / runs
+    runs.sort_unstable();
+    runs[runs.len() / 2]
 }
 
 #[cfg(feature = "torch")]
@@ -337,8 +347,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<(Vec<ModelReport>, Option<CascadeRe
                 .map(|r| encoder.encode(r).map_err(anyhow::Error::msg))
                 .collect()
         };
+        // One row at a time, dropped before the next, as a worker encodes one request:
+        // holding every row would time the allocator's page faults instead.
         let encode_us = time(min, || {
-            std::hint::black_box(encode_all().ok());
+            for r in &renderings {
+                std::hint::black_box(encoder.encode(r).ok());
+            }
         })
         .as_secs_f64()
             * 1e6
