@@ -13,6 +13,12 @@ use cli::audit::AuditCommand;
 use cli::migration::MigrationCommand;
 use cli::model::ModelCommand;
 
+/// mimalloc for the Rust side (libtorch keeps its own): a request's buffers are freed
+/// on other threads than the one that made them (the audit writer, the inference
+/// thread), and glibc's arenas serialised those frees on a lock (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "acge-proxy",
