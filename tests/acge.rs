@@ -18,23 +18,11 @@ async fn acge_proxy(
     settings: &str,
     filters: &str,
 ) -> (acge_proxy::Running, acge_proxy::demo::Backend) {
-    let up = acge_proxy::demo::spawn_backend(
-        name,
-        acge_proxy::proxy::split::Version::Blue,
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let yaml = filtered_config(
-        name,
-        up.addr,
-        filters,
-        &format!(
-            "filters:\n  acge: {{model: {}, {settings}}}\n",
-            model.display()
-        ),
+    let section = format!(
+        "filters:\n  acge: {{model: {}, {settings}}}\n",
+        model.display()
     );
-    (start(&yaml, TokenSource::None).await, up)
+    filtered_proxy(name, filters, &section).await
 }
 
 async fn metrics_text(p: &acge_proxy::Running) -> String {

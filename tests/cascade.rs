@@ -9,7 +9,6 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use acge_proxy::control::admin::TokenSource;
 use common::*;
 use http::{Method, StatusCode};
 
@@ -21,24 +20,12 @@ async fn cascade_proxy(
     second: &str,
     audit: &Path,
 ) -> (acge_proxy::Running, acge_proxy::demo::Backend) {
-    let up = acge_proxy::demo::spawn_backend(
-        name,
-        acge_proxy::proxy::split::Version::Blue,
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let yaml = filtered_config(
-        name,
-        up.addr,
-        "acge, audit",
-        &format!(
-            "filters:\n  acge: {{model: {}, mode: observe, timeout_ms: 5000, second: {{{second}}}}}\n  audit: {{dir: {}}}\n",
-            fast.display(),
-            audit.display()
-        ),
+    let section = format!(
+        "filters:\n  acge: {{model: {}, mode: observe, timeout_ms: 5000, second: {{{second}}}}}\n  audit: {{dir: {}}}\n",
+        fast.display(),
+        audit.display()
     );
-    (start(&yaml, TokenSource::None).await, up)
+    filtered_proxy(name, "acge, audit", &section).await
 }
 
 fn constant(p: &str, extra: &[&str]) -> tempfile::TempDir {

@@ -259,6 +259,24 @@ routes:
     )
 }
 
+/// A proxy on route `name` (`/svc`) to a blue demo backend of its own, running
+/// `filters` with `filters_section` appended ([`filtered_config`]).
+pub async fn filtered_proxy(
+    name: &'static str,
+    filters: &str,
+    filters_section: &str,
+) -> (Running, acge_proxy::demo::Backend) {
+    let up = acge_proxy::demo::spawn_backend(
+        name,
+        acge_proxy::proxy::split::Version::Blue,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let yaml = filtered_config(name, up.addr, filters, filters_section);
+    (start(&yaml, TokenSource::None).await, up)
+}
+
 /// Every record in an audit log directory, in order.
 pub fn audit_records(dir: &std::path::Path) -> Vec<acge_filters::audit::AuditRecord> {
     let mut out = Vec::new();

@@ -249,15 +249,7 @@ fn from_data(path: &Path) -> anyhow::Result<Vec<Request>> {
     {
         let case: super::eval::Case = serde_json::from_str(line)
             .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), n + 1))?;
-        let mut headers = HeaderMap::new();
-        for (k, v) in &case.headers {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                headers.insert(k, v);
-            }
-        }
+        let headers = case.header_map();
         out.push(Request {
             method: Method::from_bytes(case.method.as_bytes())?,
             path: case.path.clone(),

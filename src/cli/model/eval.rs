@@ -32,6 +32,23 @@ pub struct Case {
     principle: Option<String>,
 }
 
+impl Case {
+    /// The case's headers as the proxy would hold them; a name or value HTTP cannot
+    /// carry is left out, as it could not have reached the proxy.
+    pub(super) fn header_map(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &self.headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                headers.insert(k, v);
+            }
+        }
+        headers
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Label {
@@ -173,15 +190,7 @@ pub async fn evaluate(
     for case in &cases {
         let method = Method::from_bytes(case.method.as_bytes())
             .with_context(|| format!("method {}", case.method))?;
-        let mut headers = HeaderMap::new();
-        for (k, v) in &case.headers {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                headers.insert(k, v);
-            }
-        }
+        let headers = case.header_map();
         let body = serde_json::to_vec(&case.body).expect("a parsed value serializes");
         let (filter, path, status) = (filter.clone(), case.path.clone(), case.status);
         tasks.push(tokio::spawn(async move {
