@@ -218,3 +218,61 @@ fn bad_cascade_settings_are_refused_naming_the_field_and_line() {
         "{e}"
     );
 }
+
+/// `model eval --config --route` evaluates what the route's acge filter runs: here a
+/// fast model whose every score is in the band, and a second model that calls every
+/// case compliant, so the cascade (not the fast model, which would deny) decides.
+#[test]
+fn model_eval_of_a_route_decides_as_its_cascade() {
+    let fast = constant("0.5", &[]);
+    let second = constant("0.1", &[]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listener: {{address: 127.0.0.1:0}}\nclusters:\n  up: {{endpoints: [\"127.0.0.1:1\"]}}\nroutes:\n  - {{name: scored, match: {{path_prefix: /a}}, blue: up, green: up, filters: [acge]}}\n  - {{name: plain, match: {{path_prefix: /b}}, blue: up, green: up, filters: []}}\nfilters:\n  acge: {{model: {}, threshold: 0.3, second: {{model: {}, band: [0.4, 0.6]}}}}\n",
+            fast.path().display(),
+            second.path().display()
+        ),
+    )
+    .unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/eval/sample.jsonl");
+    let eval = |route: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+            .args(["model", "eval", "--json", "--config"])
+            .arg(&config)
+            .args(["--route", route, "--data"])
+            .arg(&sample)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = eval("scored");
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(v["items"], 14);
+    assert_eq!(v["stages"]["second"], 1.0, "{v}");
+    assert_eq!(v["stages"]["fast"], 0.0, "{v}");
+    // The second model's 0.1 is under the route's threshold 0.3: nothing is denied.
+    assert_eq!(v["false_deny_rate"], 0.0, "{v}");
+    assert_eq!(v["confusion"]["violate"]["comply"], 7, "{v}");
+
+    let (ok, text) = eval("plain");
+    assert!(!ok);
+    assert!(
+        text.contains("route `plain` does not run the acge filter"),
+        "{text}"
+    );
+    let (ok, text) = eval("nope");
+    assert!(!ok);
+    assert!(
+        text.contains("no route `nope` (its routes: scored, plain)"),
+        "{text}"
+    );
+}

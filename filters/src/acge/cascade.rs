@@ -48,8 +48,8 @@ pub struct Scored {
     /// Violation probability per principle.
     pub row: Arc<[f32]>,
     pub decider: Decider,
-    /// The deciding model's threshold.
-    pub threshold: f64,
+    /// The deciding model's threshold per principle (column).
+    pub thresholds: Arc<[f64]>,
 }
 
 /// The probabilities, inclusive, that send an item to the second model.
@@ -70,7 +70,7 @@ pub struct Stage {
     name: &'static str,
     batcher: Batcher,
     encoder: Encoder,
-    threshold: f64,
+    thresholds: Arc<[f64]>,
 }
 
 impl Stage {
@@ -79,14 +79,14 @@ impl Stage {
         name: &'static str,
         backend: B,
         encoder: Encoder,
-        threshold: f64,
+        thresholds: Vec<f64>,
         config: BatcherConfig,
     ) -> std::io::Result<Self> {
         Ok(Self {
             name,
             batcher: Batcher::spawn(name, backend, config, Observer::new(name))?,
             encoder,
-            threshold,
+            thresholds: thresholds.into(),
         })
     }
 
@@ -129,7 +129,7 @@ impl Cascade {
         let fast = |decider| Scored {
             row: row.as_slice().into(),
             decider,
-            threshold: self.fast.threshold,
+            thresholds: self.fast.thresholds.clone(),
         };
         let Some((second, band)) = &self.second else {
             return Ok(fast(Decider::Fast));
@@ -142,7 +142,7 @@ impl Cascade {
             Ok(row) => Ok(Scored {
                 row: row.into(),
                 decider: Decider::Second,
-                threshold: second.threshold,
+                thresholds: second.thresholds.clone(),
             }),
             // Counted under acge_inference_errors_total{stage="second"}.
             Err(_) => Ok(fast(Decider::SecondSkipped)),

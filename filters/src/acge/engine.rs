@@ -80,12 +80,12 @@ impl TorchEngine {
             reason: first_line(&e.to_string()),
         })?;
         module.set_eval();
-        if precision != Precision::Fp32 {
-            cast_parameters(&module, precision.kind()).map_err(|e| ModelError::Load {
-                path: file.display().to_string(),
-                reason: format!("cannot cast to {}: {e}", precision.as_str()),
-            })?;
-        }
+        // Every float parameter is brought to the precision it runs in, whatever it was
+        // stored in: a model saved in fp16 (to be small on disk) runs in fp32 on the CPU.
+        cast_parameters(&module, precision.kind()).map_err(|e| ModelError::Load {
+            path: file.display().to_string(),
+            reason: format!("cannot cast to {}: {e}", precision.as_str()),
+        })?;
         let mut engine = Self {
             module,
             device,
@@ -185,13 +185,13 @@ impl TorchEngine {
     }
 }
 
-/// Casts the module's floating-point parameters in place. Not `Module::to(kind)`:
+/// Casts the module's floating-point parameters of another kind in place. Not `Module::to(kind)`:
 /// libtorch's casts every tensor of the module, integer buffers too (a BERT's
 /// `position_ids` would become bf16 and break its embedding look-up). Buffers stay as
 /// the module saved them (docs/model-contract.md).
 fn cast_parameters(module: &CModule, kind: Kind) -> Result<(), tch::TchError> {
     for (_, mut p) in module.named_parameters()? {
-        if p.is_floating_point() {
+        if p.is_floating_point() && p.kind() != kind {
             let cast = p.f_to_kind(kind)?;
             tch::no_grad(|| p.set_data(&cast));
         }

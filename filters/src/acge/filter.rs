@@ -212,7 +212,7 @@ mod load {
             "fast",
             fast.engine,
             fast.encoder,
-            fast.meta.threshold,
+            fast.meta.column_thresholds(),
             BatcherConfig {
                 max_batch: config.max_batch,
                 max_delay: Duration::from_micros(config.max_delay_us),
@@ -228,7 +228,7 @@ mod load {
                     "second",
                     loaded.engine,
                     loaded.encoder,
-                    loaded.meta.threshold,
+                    loaded.meta.column_thresholds(),
                     BatcherConfig {
                         max_batch: s.max_batch,
                         max_delay: Duration::from_micros(s.max_delay_us),
@@ -369,13 +369,13 @@ impl AcgeFilter {
                 (scored, true)
             }
         };
-        let threshold = self.threshold.unwrap_or(scored.threshold);
         let worst = scored.row.iter().copied().fold(0.0f32, f32::max);
         let principles = scored
             .row
             .iter()
+            .zip(scored.thresholds.iter())
             .zip(&self.principles)
-            .filter(|(p, _)| f64::from(**p) > threshold)
+            .filter(|((p, t), _)| f64::from(**p) > self.threshold.unwrap_or(**t))
             .map(|(_, id)| id.clone())
             .collect();
         let compliance = Compliance {

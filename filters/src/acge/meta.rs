@@ -6,6 +6,7 @@
 //! proxy computes, [`super::hashed`]) or `tokens` (a Hugging Face tokenizer's ids,
 //! [`super::tokens`]). A model without the section is a `bytes` model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,10 @@ pub struct ModelMeta {
     pub principles: Vec<String>,
     /// Violation probability above which a principle counts as violated.
     pub threshold: f64,
+    /// Per principle, over `threshold` (calibrated on a validation split); a principle
+    /// not named here has `threshold`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub thresholds: BTreeMap<String, f64>,
     /// The constitution the model was trained for.
     pub constitution_hash: String,
     /// What the module is given; `bytes` when absent.
@@ -40,6 +45,8 @@ struct RawMeta {
     max_len: usize,
     principles: Vec<String>,
     threshold: f64,
+    #[serde(default)]
+    thresholds: BTreeMap<String, f64>,
     constitution_hash: String,
     #[serde(default)]
     input: Option<serde_json::Value>,
@@ -168,6 +175,14 @@ pub enum ModelError {
 }
 
 impl ModelMeta {
+    /// The threshold of each output column, in the order of `principles`.
+    pub fn column_thresholds(&self) -> Vec<f64> {
+        self.principles
+            .iter()
+            .map(|p| self.thresholds.get(p).copied().unwrap_or(self.threshold))
+            .collect()
+    }
+
     /// Reads and checks `dir/model.json`: it parses, names principles, a length, a
     /// threshold that is a probability, the configured constitution, an `input` section
     /// the proxy can compute, and files that exist. Returns the metadata and the model
@@ -195,6 +210,7 @@ impl ModelMeta {
             max_len: raw.max_len,
             principles: raw.principles,
             threshold: raw.threshold,
+            thresholds: raw.thresholds,
             constitution_hash: raw.constitution_hash,
         };
         if meta.constitution_hash != constitution_hash {
@@ -214,6 +230,18 @@ impl ModelMeta {
                 "threshold: {} is not a probability (0–1)",
                 meta.threshold
             )));
+        }
+        for (principle, t) in &meta.thresholds {
+            if !meta.principles.contains(principle) {
+                return Err(bad(format!(
+                    "thresholds.{principle}: not one of the model's principles"
+                )));
+            }
+            if !(0.0..=1.0).contains(t) {
+                return Err(bad(format!(
+                    "thresholds.{principle}: {t} is not a probability (0–1)"
+                )));
+            }
         }
         meta.input.check().map_err(bad)?;
         if let InputSpec::Tokens(t) = &meta.input {
@@ -433,6 +461,36 @@ mod tests {
         for (input, expected) in cases {
             let e = error(input.clone());
             assert!(e.contains(expected), "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn per_principle_thresholds_fill_in_over_the_default_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = serde_json::json!({
+            "name": "m", "version": "1", "file": "model.pt", "max_len": 64,
+            "principles": ["privacy", "safety"], "threshold": 0.5,
+            "thresholds": {"safety": 0.8}, "constitution_hash": "h",
+        });
+        std::fs::write(dir.path().join("model.json"), meta.to_string()).unwrap();
+        std::fs::write(dir.path().join("model.pt"), b"not read here").unwrap();
+        let (read, _) = ModelMeta::read(dir.path(), "h").unwrap();
+        assert_eq!(read.column_thresholds(), [0.5, 0.8]);
+        for (thresholds, expected) in [
+            (
+                serde_json::json!({"privacy": 1.5}),
+                "thresholds.privacy: 1.5 is not a probability",
+            ),
+            (
+                serde_json::json!({"charm": 0.5}),
+                "thresholds.charm: not one of the model's principles",
+            ),
+        ] {
+            let mut bad = meta.clone();
+            bad["thresholds"] = thresholds;
+            std::fs::write(dir.path().join("model.json"), bad.to_string()).unwrap();
+            let e = ModelMeta::read(dir.path(), "h").unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
         }
     }
 }

@@ -130,13 +130,8 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Evaluates `data` with the model in `model`.
-pub async fn evaluate(
-    model: &Path,
-    data: &Path,
-    constitution_hash: &str,
-    options: &EvalOptions,
-) -> anyhow::Result<Report> {
+/// Reads a labelled set, refusing a line that is not a case (naming the line).
+fn read_cases(data: &Path) -> anyhow::Result<Vec<Case>> {
     let text = std::fs::read_to_string(data).with_context(|| data.display().to_string())?;
     let mut cases = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -154,6 +149,17 @@ pub async fn evaluate(
         }
         cases.push(case);
     }
+    Ok(cases)
+}
+
+/// Evaluates `data` with the model in `model`.
+pub async fn evaluate(
+    model: &Path,
+    data: &Path,
+    constitution_hash: &str,
+    options: &EvalOptions,
+) -> anyhow::Result<Report> {
+    let cases = read_cases(data)?;
     let mut settings = serde_json::json!({
         "model": model,
         "threshold": options.threshold,
@@ -183,7 +189,54 @@ pub async fn evaluate(
     if let Some((field, why)) = config.problems().into_iter().next() {
         anyhow::bail!("{field}: {why}");
     }
-    let filter = Arc::new(AcgeFilter::load(&config, constitution_hash)?);
+    score_all(&config, cases, constitution_hash).await
+}
+
+/// Evaluates `data` with what route `route` of the config file `config` runs: its
+/// `filters.acge` settings as they are (models, cascade and band, thresholds, headers,
+/// device, precision, threads) and the config's constitution hash. Only what would
+/// make the evaluation measure overload instead of decisions is changed: every queue
+/// holds the whole set, and every timeout is a minute.
+pub async fn evaluate_route(config: &Path, route: &str, data: &Path) -> anyhow::Result<Report> {
+    let valid = acge_proxy::config::Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let names: Vec<&str> = valid.routes.iter().map(|r| r.name.as_str()).collect();
+    let Some(r) = valid.routes.iter().find(|r| r.name == route) else {
+        anyhow::bail!(
+            "{}: no route `{route}` (its routes: {})",
+            config.display(),
+            names.join(", ")
+        );
+    };
+    if !r.filters.iter().any(|f| f == "acge") {
+        anyhow::bail!(
+            "{}: route `{route}` does not run the acge filter (its filters: [{}])",
+            config.display(),
+            r.filters.join(", ")
+        );
+    }
+    let mut acge = valid
+        .filters
+        .acge
+        .clone()
+        .context("the config lists acge on the route but has no filters.acge")?;
+    let cases = read_cases(data)?;
+    let n = cases.len().max(1);
+    acge.queue = acge.queue.max(n);
+    acge.timeout_ms = 60_000;
+    if let Some(second) = acge.second.as_mut() {
+        second.max_queue = second.max_queue.max(n);
+        second.timeout_ms = 60_000;
+    }
+    score_all(&acge, cases, &valid.constitution.hash).await
+}
+
+/// Scores every case at once through an acge filter built from `config`, and counts.
+async fn score_all(
+    config: &AcgeConfig,
+    cases: Vec<Case>,
+    constitution_hash: &str,
+) -> anyhow::Result<Report> {
+    let filter = Arc::new(AcgeFilter::load(config, constitution_hash)?);
 
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(cases.len());
@@ -248,7 +301,7 @@ pub async fn evaluate(
             .map(|(p, (hit, total))| (p, ratio(hit, total)))
             .collect(),
         confusion,
-        stages: options.second.is_some().then(|| {
+        stages: config.second.is_some().then(|| {
             let mut shares = BTreeMap::new();
             for stage in ["fast", "second", "second_skipped"] {
                 let n = results.iter().filter(|c| c.stage == Some(stage)).count();

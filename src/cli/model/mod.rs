@@ -18,9 +18,18 @@ use clap::Subcommand;
 pub enum ModelCommand {
     /// Run a labelled JSONL set through the proxy's inference path and report accuracy,
     /// false denies, recall per principle, the confusion matrix and items/s.
+    ///
+    /// Either `--model DIR` (with `--second` for a cascade), or `--config FILE --route
+    /// NAME`: exactly what that route's acge filter decides, cascade included.
     Eval {
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        model: Option<PathBuf>,
+        /// A proxy config file: evaluate what its `--route` runs.
+        #[arg(long, requires = "route", conflicts_with_all = ["threshold", "device", "precision", "second", "band", "constitution_hash"])]
+        config: Option<PathBuf>,
+        /// The route of `--config` whose acge filter is evaluated.
+        #[arg(long, requires = "config")]
+        route: Option<String>,
         #[arg(long)]
         data: PathBuf,
         /// Print one JSON object instead of a table.
@@ -39,7 +48,7 @@ pub enum ModelCommand {
         #[arg(long)]
         second: Option<PathBuf>,
         /// The cascade's band, `lo,hi`.
-        #[arg(long, value_delimiter = ',', num_args = 2)]
+        #[arg(long, value_delimiter = ',')]
         band: Option<Vec<f64>>,
         /// The constitution hash the model must have been trained for.
         #[arg(long, default_value = acge_proxy::config::DEFAULT_CONSTITUTION_HASH)]
@@ -56,6 +65,8 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Bench(args) => bench::run(&args),
         ModelCommand::Eval {
             model,
+            config,
+            route,
             data,
             json,
             threshold,
@@ -70,9 +81,21 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
                 device,
                 precision,
                 second,
-                band: band.map(|b| [b[0], b[1]]),
+                band: match band.as_deref() {
+                    None => None,
+                    Some(&[lo, hi]) => Some([lo, hi]),
+                    Some(other) => anyhow::bail!("--band takes two numbers, lo,hi, not {other:?}"),
+                },
             };
-            let r = eval::evaluate(&model, &data, &constitution_hash, &options).await?;
+            let r = match (&config, &route, &model) {
+                (Some(config), Some(route), _) => {
+                    eval::evaluate_route(config, route, &data).await?
+                }
+                (_, _, Some(model)) => {
+                    eval::evaluate(model, &data, &constitution_hash, &options).await?
+                }
+                _ => anyhow::bail!("give --model DIR, or --config FILE and --route NAME"),
+            };
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
