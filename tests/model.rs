@@ -1,7 +1,8 @@
 //! The default model as the training script left it: the Rust side renders each fixture
 //! case as models/acge_input.py did, computes the same hashed ids, and the engine gives
 //! the outputs PyTorch gave; the int8 variant loads and agrees with fp32 on every
-//! decision of the fixtures.
+//! decision of the fixtures; the fine-tuned encoder tokenises and scores as PyTorch
+//! did.
 #![cfg(feature = "torch")]
 
 use std::path::{Path, PathBuf};
@@ -36,15 +37,19 @@ fn load(name: &str) -> Loaded {
 /// The training script's fixtures, refusing a short set (a loop over nothing checks
 /// nothing).
 fn fixtures() -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(model_dir("acge-default").join("fixtures.json")).unwrap();
+    fixtures_of("acge-default", 6)
+}
+
+fn fixtures_of(name: &str, least: usize) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(model_dir(name).join("fixtures.json")).unwrap();
     let all = serde_json::from_str::<serde_json::Value>(&text)
         .unwrap()
         .as_array()
         .unwrap()
         .clone();
     assert!(
-        all.len() >= 6,
-        "models/acge-default has {} fixtures",
+        all.len() >= least,
+        "models/{name} has {} fixtures",
         all.len()
     );
     all
@@ -68,9 +73,13 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 
 /// Row against row, of the same length.
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_within(got, want, 1e-4, what);
+}
+
+fn assert_within(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
     for (a, b) in got.iter().zip(want) {
-        assert!((a - b).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
+        assert!((a - b).abs() < tolerance, "{what}: {got:?} vs {want:?}");
     }
 }
 
@@ -151,11 +160,11 @@ fn the_int8_variant_loads_and_stays_close_to_fp32() {
         let input = ints(&f["input"]);
         let a = fp32.infer(&[input.as_slice()]).unwrap().remove(0);
         let b = int8.infer(&[input.as_slice()]).unwrap().remove(0);
-        for (p, q) in a.iter().zip(&b) {
+        for ((p, q), t) in a.iter().zip(&b).zip(meta.column_thresholds()) {
             let (p, q) = (f64::from(*p), f64::from(*q));
             assert!((p - q).abs() <= TOLERANCE, "{a:?} vs {b:?}");
-            if (p - meta.threshold).abs() > TOLERANCE {
-                assert_eq!(p > meta.threshold, q > meta.threshold, "{a:?} vs {b:?}");
+            if (p - t).abs() > TOLERANCE {
+                assert_eq!(p > t, q > t, "{a:?} vs {b:?}");
                 decided += 1;
             }
         }
@@ -178,4 +187,49 @@ fn the_default_model_scores_a_row_alike_alone_and_in_a_batch() {
         let alone = engine.infer(&[input.as_slice()]).unwrap().remove(0);
         assert_close(together, &alone, "in a batch against alone");
     }
+}
+
+/// The fine-tuned encoder (`tokens` input, parameters stored in fp16): the Rust
+/// rendering and the `tokenizers` crate give the ids Python's tokenizers gave, and the
+/// engine, casting the parameters to fp32, the outputs PyTorch gave.
+#[test]
+fn rust_tokenises_and_scores_the_encoders_fixtures_alike() {
+    let Loaded {
+        mut engine,
+        encoder,
+        meta,
+    } = load("acge-encoder");
+    assert_eq!(meta.input.kind(), "tokens");
+    let all = fixtures_of("acge-encoder", 4);
+    for f in all {
+        let rendering = rust_rendering(&f["case"]);
+        assert_eq!(
+            hex::encode(&rendering),
+            f["rendering_hex"].as_str().unwrap()
+        );
+        let input = encoder.encode(&rendering).unwrap();
+        assert_eq!(input, ints(&f["input"]), "the token ids are Python's");
+        let row = engine.infer(&[input.as_slice()]).unwrap().remove(0);
+        // Six transformer layers: summation orders differ a little between the two.
+        assert_within(&row, &floats(&f["output"]), 1e-3, "Rust against PyTorch");
+    }
+}
+
+/// The test sets stay apart from the training data: models/check_overlap.py finds no
+/// training row whose word 5-grams overlap a test row's by a Jaccard of 0.5 or more.
+#[test]
+fn no_training_row_is_a_near_copy_of_a_test_row() {
+    let python = std::env::var("ACGE_TORCH_PYTHON").expect("run through scripts/cargo-torch");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python)
+        .arg(root.join("models/check_overlap.py"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("0 near-copies"), "{text}");
 }
