@@ -2,7 +2,7 @@
 #   make demo    build and run the seven-service demo on loopback
 #   make test    fmt, clippy (warnings denied), then every test
 #   make bench   load benchmark against nginx and haproxy (writes docs/performance.md)
-#   make model   retrain the default ACGE models (fast, int8, encoder) and calibrate them (~20 min)
+#   make model   retrain the default ACGE models (encoder, then the fast model distilled from it, int8) and calibrate them (~25 min)
 # cargo with libtorch set up (scripts/setup-libtorch.sh, cached) for the default `torch` feature.
 CARGO ?= scripts/cargo-torch
 
@@ -37,8 +37,8 @@ bench:
 
 # Retrain the default ACGE model (seeded; about 2 minutes on 2 cores).
 model:
-	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default
 	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train_encoder.py --base "$$(models/fetch-minilm.sh | tail -n 1)" --out models/acge-encoder
+	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/train.py --out models/acge-default --teacher models/acge-encoder
 	"$$(scripts/setup-libtorch.sh | tail -n 1)" models/calibrate.py
 
 clean:

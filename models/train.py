@@ -264,6 +264,8 @@ def main():
     ap.add_argument("--dim", type=int, default=10, help="averaged columns of the bag; with the 6 evidence columns a row is 16 floats, one cache line")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--drop", type=float, default=0.2, help="feature dropout while training")
+    ap.add_argument("--teacher", default="", help="a model directory whose probabilities are distilled in (models/acge-encoder)")
+    ap.add_argument("--teacher-variants", type=int, default=2, help="variants per written example the teacher scores")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*quantiz.*deprecated")
@@ -310,6 +312,19 @@ def main():
         return t
 
     rows = [(encode(c), target(c)) for c in train]
+    if args.teacher:
+        # Distillation: the written examples and their first `--teacher-variants`
+        # variants get as target the mean of their label and the teacher's
+        # probabilities, so that the fast model learns what the encoder generalises
+        # (and is less sure where the encoder is unsure).
+        import calibrate
+
+        w = len(train_written)
+        taught = list(range(w)) + [w + i * args.variants + j for i in range(w) for j in range(min(args.teacher_variants, args.variants))]
+        _, soft = calibrate.probabilities(args.teacher, [train[i] for i in taught])
+        for i, p in zip(taught, soft):
+            rows[i] = (rows[i][0], [0.5 * h + 0.5 * float(q) for h, q in zip(rows[i][1], p)])
+        print(f"teacher {args.teacher}: soft targets for {len(taught)} rows; {time.time() - started:.0f} s", flush=True)
     held_inputs = [encode(c) for c in heldout]
     print(f"features: {sum(len(r[0]) for r in rows) / len(rows):.0f} ids per row; {time.time() - started:.0f} s", flush=True)
     model = Fast(len(principles), args.buckets, args.dim, args.hidden)
@@ -338,7 +353,7 @@ def main():
         torch.jit.script(m).save(os.path.join(out, "model.pt"))
         meta = {
             "name": name,
-            "version": "0.3.0",
+            "version": "0.4.0",
             "file": "model.pt",
             "max_len": args.max_len,
             "principles": principles,
