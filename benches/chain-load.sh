@@ -6,6 +6,8 @@
 #
 #   benches/chain-load.sh                 # 3 rounds of 10 s, writes docs/performance.md
 #   ROUNDS=5 DURATION=20 CONNS=64 MODEL=models/acge-default-int8 benches/chain-load.sh
+#   SECOND=models/acge-encoder BAND=0.3,0.995 BODIES=models/eval/independent-v2.jsonl \
+#     MARK=chain-load.sh-cascade benches/chain-load.sh      # the cascade, on written requests
 #
 # Targets, each round in a rotated order:
 #   passthrough   the same requests, no filters
@@ -26,12 +28,24 @@ CONNS=${CONNS:-64}
 WORKERS=${WORKERS:-2}
 WARMUP=${WARMUP:-2}
 MODEL=${MODEL:-models/acge-default}
+# A second model makes the chain's acge a cascade (band BAND); BODIES takes the
+# requests from an eval-format set (each body made unique by a `nonce` field), in
+# place of the generated integrity appends; MARK names the block written in OUT.
+SECOND=${SECOND:-}
+BAND=${BAND:-0.3,0.995}
+BODIES=${BODIES:-}
+MARK=${MARK:-chain-load.sh}
 OUT=${OUT:-docs/performance.md}
 
 . benches/lib.sh
 need_tools wrk nginx python3 curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 MODEL=$(cd "$MODEL" && pwd)
+cascade=""
+if [ -n "$SECOND" ]; then
+  SECOND=$(cd "$SECOND" && pwd)
+  cascade=", second: {model: $SECOND, band: [$BAND], max_queue: ${SECOND_QUEUE:-4}, max_batch: 4, timeout_ms: 100, threads: 1}"
+fi
 
 bench_workdir chain
 build_release
@@ -62,7 +76,7 @@ clusters:
   green: {endpoints: ["127.0.0.1:19081"]}
 filters:
   constitutional_hash: {mode: enforce}
-  acge: {model: $MODEL, mode: observe, on: [request], threads: 1, max_batch: 64, max_delay_us: 1000}
+  acge: {model: $MODEL, mode: observe, on: [request], threads: 1, max_batch: 64, max_delay_us: 1000$cascade}
   audit: {dir: $work/audit-$port, commit: sync}
 routes:
   - {name: integrity, match: {path_prefix: /}, blue: blue, green: green, green_weight: 0, filters: [$*]}
@@ -71,6 +85,28 @@ EOF
 proxy_config 19400 > "$work/passthrough.yaml"
 proxy_config 19500 constitutional_hash, acge, audit > "$work/chain.yaml"
 
+if [ -n "$BODIES" ]; then
+# The requests of an eval-format set (its responses left out), in turn, each body
+# made unique by a leading `nonce` field; their own paths and headers.
+python3 - "$BODIES" "$work/unique.lua" <<'EOF'
+import json, sys
+cases = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cases = [c for c in cases if "status" not in c and isinstance(c.get("body"), dict) and c["body"]]
+out = ['wrk.method = "POST"', "local cases = {"]
+for c in cases:
+    rest = json.dumps(c["body"], ensure_ascii=False, separators=(",", ":"))[1:]
+    headers = {k.lower(): v for k, v in c.get("headers", {}).items()}
+    headers["content-type"] = "application/json"
+    headers["x-constitutional-hash"] = "cdd01ef066bc6cf2"
+    h = ", ".join(f'["{k}"] = [==[{v}]==]' for k, v in headers.items())
+    out.append(f'  {{path = [==[{c["path"]}]==], headers = {{{h}}}, rest = [==[{rest}]==]}},')
+out += ["}", "local n = 0", "request = function()", "  n = n + 1",
+        "  local c = cases[(n % #cases) + 1]",
+        "  return wrk.format(nil, c.path, c.headers, '{\"nonce\":' .. n .. ',' .. c.rest)", "end"]
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+print(f"{len(cases)} requests from {sys.argv[1]}", file=sys.stderr)
+EOF
+else
 # Bodies of about 1 KB: an integrity append with a counter (unique) or without (cached).
 cat > "$work/unique.lua" <<'EOF'
 wrk.method = "POST"
@@ -84,6 +120,7 @@ request = function()
   return wrk.format(nil, nil, nil, body)
 end
 EOF
+fi
 sed -e 's/n = n + 1/n = 1/' "$work/unique.lua" > "$work/cached.lua"
 
 start upstream "$NGINX" -c "$work/upstream.conf" -p "$work"
@@ -100,6 +137,14 @@ declare -A config=([passthrough]=passthrough.yaml [chain-unique]=chain.yaml [cha
 targets=(passthrough chain-unique chain-cached)
 
 # The body the load sends must pass the chain (else the figures would be of errors).
+if [ -n "$BODIES" ]; then
+  body=$(python3 - "$BODIES" <<'EOF'
+import json, sys
+c = next(c for c in (json.loads(l) for l in open(sys.argv[1]) if l.strip()) if "status" not in c and isinstance(c.get("body"), dict) and c["body"])
+print('{"nonce":1,' + json.dumps(c["body"], ensure_ascii=False, separators=(",", ":"))[1:])
+EOF
+)
+else
 body=$(python3 - "$work/unique.lua" <<'EOF'
 import re, sys
 lua = open(sys.argv[1]).read()
@@ -108,6 +153,7 @@ fmt = re.search(r"string.format\('(.*?)', n", lua).group(1)
 print(fmt.replace("%d", "1", 5).replace("%s", note))
 EOF
 )
+fi
 for t in "${targets[@]}"; do
   code=$(curl -s -o "$work/probe.json" -w '%{http_code}' -H 'content-type: application/json' \
     -H 'x-constitutional-hash: cdd01ef066bc6cf2' --data-binary "$body" "${url[$t]}")
@@ -143,11 +189,11 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # What the model did meanwhile, from the chain proxy's own metrics.
-curl -s http://127.0.0.1:19501/metrics | grep -E '^acge_inference_(batch_size|seconds|queue_seconds)_(sum|count)|^acge_inference_cache_total|^acge_inference_errors_total' > "$work/inference.txt" || true
+curl -s http://127.0.0.1:19501/metrics | grep -E '^acge_inference_(batch_size|seconds|queue_seconds)_(sum|count)|^acge_inference_cache_total|^acge_inference_errors_total|^acge_cascade_total' > "$work/inference.txt" || true
 
-python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MODEL" "${#body}" "$work/inference.txt" <<'EOF'
+python3 - "$results" "$OUT" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MODEL" "${#body}" "$work/inference.txt" "$MARK" "$SECOND" "$BAND" "$BODIES" <<'EOF'
 import re, statistics, sys, datetime, os
-results, out, rounds, duration, conns, workers, model, body_len, inference = sys.argv[1:]
+results, out, rounds, duration, conns, workers, model, body_len, inference, mark, second, band, bodies = sys.argv[1:]
 def ms(s):
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
     v = float(m.group(1))
@@ -169,22 +215,34 @@ for line in open(inference):
     m[k] = float(v)
 def get(prefix):
     return next((v for k, v in m.items() if k.startswith(prefix)), 0.0)
-batches = get("acge_inference_batch_size_count")
+batches = get('acge_inference_batch_size_count{stage="fast"}') or get("acge_inference_batch_size_count")
 extra = ""
 if batches:
     extra = (f"\n\nModel, over the whole run: {get('acge_inference_batch_size_sum') / batches:.1f} items per batch, "
              f"{get('acge_inference_seconds_sum') / batches * 1e3:.2f} ms per batch, "
              f"{get('acge_inference_queue_seconds_sum') / max(get('acge_inference_queue_seconds_count'), 1) * 1e3:.2f} ms queued per item.")
+stages = {}
+for k, v in m.items():
+    g = re.match(r'acge_cascade_total\{.*stage="(\w+)"', k)
+    if g:
+        stages[g.group(1)] = stages.get(g.group(1), 0) + v
+if stages:
+    total = sum(stages.values())
+    extra += " Decided by: " + ", ".join(f"{s} {v / total * 100:.1f} %" for s, v in sorted(stages.items())) + "."
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-block = (f"<!-- chain-load.sh:begin -->\n"
+what = f"model `{os.path.relpath(model)}`"
+if second:
+    what += f", second `{os.path.relpath(second)}` for band [{band}]"
+what += f", bodies from `{os.path.relpath(bodies)}` (each made unique)" if bodies else f", POST bodies of {body_len} bytes"
+block = (f"<!-- {mark}:begin -->\n"
          f"Run {datetime.date.today()} on {os.cpu_count()} × {cpu}: {rounds} rounds × {duration} s, wrk -t1 -c{conns}, "
-         f"POST bodies of {body_len} bytes, proxy with {workers} workers, model `{os.path.relpath(model)}`, "
-         f"nothing pinned, medians of the rounds.\n\n" + "\n".join(lines) + extra + "\n<!-- chain-load.sh:end -->")
+         f"proxy with {workers} workers, {what}, "
+         f"nothing pinned, medians of the rounds.\n\n" + "\n".join(lines) + extra + f"\n<!-- {mark}:end -->")
 print("\n" + "\n".join(lines) + extra)
 text = open(out).read() if os.path.exists(out) else "# Performance\n"
-if "<!-- chain-load.sh:begin -->" not in text:
-    text += "\n<!-- chain-load.sh:begin -->\n<!-- chain-load.sh:end -->\n"
-text = re.sub(r"<!-- chain-load.sh:begin -->.*?<!-- chain-load.sh:end -->", lambda _: block, text, flags=re.S)
+if f"<!-- {mark}:begin -->" not in text:
+    text += f"\n<!-- {mark}:begin -->\n<!-- {mark}:end -->\n"
+text = re.sub(f"<!-- {re.escape(mark)}:begin -->.*?<!-- {re.escape(mark)}:end -->", lambda _: block, text, flags=re.S)
 open(out, "w").write(text)
 print(f"\nwritten to {out}")
 EOF
