@@ -69,10 +69,14 @@ pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoErr
     if let Some(acge) = &mut config.filters.acge {
         // Relative to config/ as for any config file; the embedded file's config/ is
         // the one in the tree the binary was built from.
+        let config_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         if acge.model.is_relative() {
-            acge.model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("config")
-                .join(&acge.model);
+            acge.model = config_dir.join(&acge.model);
+        }
+        if let Some(second) = &mut acge.second {
+            if second.model.is_relative() {
+                second.model = config_dir.join(&second.model);
+            }
         }
     }
     if let Some(m) = &mut config.migration {
