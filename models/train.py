@@ -201,6 +201,38 @@ def response_case(rng):
 
 
 
+def constitution():
+    """The principle ids (in order) and the hash of config/constitution.yaml."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "config", "constitution.yaml")).read()
+    return re.findall(r"^\s*-\s*id:\s*(\S+)", text, re.M), re.search(r"^hash:\s*(\S+)", text, re.M).group(1)
+
+
+def split(rng, directory, variants):
+    """(heldout, train_written, cases): the written examples shuffled by `rng`, 15 % of
+    them held out before any augmentation (the validation split), and the training
+    cases: the rest, `variants` augmented copies of each (consecutive, after all the
+    written ones) and generated responses, a tenth as many. Every training script
+    calls it first with a fresh generator of the same seed, so all hold out the same
+    examples."""
+    written = load_written(directory)
+    rng.shuffle(written)
+    cut = len(written) * 15 // 100
+    heldout, train_written = written[:cut], written[cut:]
+    comply_pool = [c for c in train_written if c["label"] == "comply" and "status" not in c]
+    cases = list(train_written)
+    for c in train_written:
+        cases.extend(augment(rng, c, comply_pool) for _ in range(variants))
+    cases.extend(response_case(rng) for _ in range(len(cases) // 10))
+    return heldout, train_written, cases
+
+
+def target(principles, c):
+    t = [0.0] * len(principles)
+    if c["label"] == "violate":
+        t[principles.index(c["principle"])] = 1.0
+    return t
+
+
 class Fast(nn.Module):
     """One sum bag over the hashed feature ids; an MLP; one sigmoid per principle."""
 
@@ -275,9 +307,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.time()
 
-    text = open(os.path.join(os.path.dirname(__file__), "..", "config", "constitution.yaml")).read()
-    principles = re.findall(r"^\s*-\s*id:\s*(\S+)", text, re.M)
-    const_hash = re.search(r"^hash:\s*(\S+)", text, re.M).group(1)
+    principles, const_hash = constitution()
     spec = {
         "kind": "hashed",
         "hash": "fmix64",
@@ -294,24 +324,9 @@ def main():
     def encode(c):
         return hashed.ids(acge_input.cut(acge_input.render(c), args.max_len, "head_tail"))
 
-    written = load_written(args.data)
-    rng.shuffle(written)
-    cut = len(written) * 15 // 100
-    heldout, train_written = written[:cut], written[cut:]
-    comply_pool = [c for c in train_written if c["label"] == "comply" and "status" not in c]
-    train = list(train_written)
-    for c in train_written:
-        train.extend(augment(rng, c, comply_pool) for _ in range(args.variants))
-    train.extend(response_case(rng) for _ in range(len(train) // 10))
-    print(f"{len(written)} written examples: {len(train_written)} train, {len(heldout)} held out; {len(train)} training rows", flush=True)
-
-    def target(c):
-        t = [0.0] * len(principles)
-        if c["label"] == "violate":
-            t[principles.index(c["principle"])] = 1.0
-        return t
-
-    rows = [(encode(c), target(c)) for c in train]
+    heldout, train_written, train = split(rng, args.data, args.variants)
+    print(f"{len(heldout) + len(train_written)} written examples: {len(train_written)} train, {len(heldout)} held out; {len(train)} training rows", flush=True)
+    rows = [(encode(c), target(principles, c)) for c in train]
     if args.teacher:
         # Distillation: the written examples and their first `--teacher-variants`
         # variants get as target the mean of their label and the teacher's

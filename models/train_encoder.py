@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import struct
 import sys
@@ -189,9 +188,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.time()
 
-    text = open(os.path.join(os.path.dirname(__file__), "..", "config", "constitution.yaml")).read()
-    principles = re.findall(r"^\s*-\s*id:\s*(\S+)", text, re.M)
-    const_hash = re.search(r"^hash:\s*(\S+)", text, re.M).group(1)
+    principles, const_hash = train.constitution()
     config = json.load(open(os.path.join(args.base, "config.json")))
     tokenizer_path = os.path.join(args.base, "tokenizer.json")
     tokens = acge_input.Tokens(tokenizer_path, args.max_tokens)
@@ -201,26 +198,12 @@ def main():
         return tokens.ids(acge_input.cut(acge_input.render(c), args.max_len, "head_tail"))
 
     # The same split as models/train.py: same seed, same first use of the generator.
-    written = train.load_written(args.data)
-    rng.shuffle(written)
-    cut = len(written) * 15 // 100
-    heldout, train_written = written[:cut], written[cut:]
-    comply_pool = [c for c in train_written if c["label"] == "comply" and "status" not in c]
-    cases = list(train_written)
-    for c in train_written:
-        cases.extend(train.augment(rng, c, comply_pool) for _ in range(args.variants))
-    cases.extend(train.response_case(rng) for _ in range(len(cases) // 10))
+    heldout, _, cases = train.split(rng, args.data, args.variants)
     if args.limit:
         rng.shuffle(cases)
         cases = cases[: args.limit]
 
-    def target(c):
-        t = [0.0] * len(principles)
-        if c["label"] == "violate":
-            t[principles.index(c["principle"])] = 1.0
-        return t
-
-    rows = [(encode(c), target(c)) for c in cases]
+    rows = [(encode(c), train.target(principles, c)) for c in cases]
     held = [encode(c) for c in heldout]
     print(f"{len(rows)} training rows, {len(held)} validation; {sum(len(r[0]) for r in rows) / len(rows):.0f} tokens per row; "
           f"{sum(len(r[0]) >= args.max_tokens for r in rows) / len(rows) * 100:.0f} % truncated; {time.time() - started:.0f} s", flush=True)
