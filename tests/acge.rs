@@ -90,6 +90,15 @@ async fn observe_mode_scores_and_annotates_requests_and_responses() {
         "{text}"
     );
     assert!(text.contains(r#"acge_decisions_total{route="acge-observe",version="blue",phase="request",decision="violation"}"#));
+    // Every principle was violated once in each phase, and each is counted by name.
+    for phase in ["request", "response"] {
+        for principle in ["privacy", "authority"] {
+            let series = format!(
+                r#"acge_principle_violations_total{{route="acge-observe",version="blue",phase="{phase}",principle="{principle}"}}"#
+            );
+            assert_eq!(sample(&text, &series), Some(1.0), "{series}\n{text}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

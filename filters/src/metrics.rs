@@ -17,6 +17,8 @@ pub const INFERENCE_CACHE_TOTAL: &str = "acge_inference_cache_total";
 pub const CASCADE_TOTAL: &str = "acge_cascade_total";
 pub const COMPLIANCE_SCORE: &str = "acge_compliance_score";
 pub const DECISIONS_TOTAL: &str = "acge_decisions_total";
+/// Violations by principle: `{route, version, phase, principle}`.
+pub const PRINCIPLE_VIOLATIONS_TOTAL: &str = "acge_principle_violations_total";
 
 /// Batch sizes: powers of two up to the largest `max_batch` that makes sense.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[

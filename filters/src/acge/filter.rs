@@ -25,7 +25,10 @@ use super::cache::ScoreCache;
 use super::cascade::{Cascade, Decider, Scored};
 pub use super::config::{AcgeConfig, AcgeMode, OnError, Phase, SecondConfig};
 use super::render;
-use crate::metrics::{CASCADE_TOTAL, COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_CACHE_TOTAL};
+use crate::metrics::{
+    CASCADE_TOTAL, COMPLIANCE_SCORE, DECISIONS_TOTAL, INFERENCE_CACHE_TOTAL,
+    PRINCIPLE_VIOLATIONS_TOTAL,
+};
 use crate::{json_error, Compliance, Exchange, Filter, LogError, Verdict, Version};
 
 /// The request's score, on the request sent upstream.
@@ -43,6 +46,8 @@ pub const RESPONSE_PRINCIPLES_HEADER: HeaderName =
 #[derive(Debug, Clone, Copy, Default)]
 struct Decisions {
     request: Option<Decision>,
+    /// The request's violated principles, a bit per column of the model's output.
+    violated: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +82,12 @@ impl Decision {
 struct PhaseMetrics {
     score: Histogram,
     decisions: [Counter; 3],
+    /// By principle, in the order of the model's output columns.
+    principles: Vec<Counter>,
 }
 
 impl PhaseMetrics {
-    fn new(route: &str, version: &'static str, phase: Phase) -> Self {
+    fn new(route: &str, version: &'static str, phase: Phase, principles: &[String]) -> Self {
         let labels = |d: Decision| {
             counter!(DECISIONS_TOTAL, "route" => route.to_string(), "version" => version,
                 "phase" => phase.as_str(), "decision" => d.as_str())
@@ -88,6 +95,21 @@ impl PhaseMetrics {
         Self {
             score: histogram!(COMPLIANCE_SCORE, "route" => route.to_string(), "version" => version, "phase" => phase.as_str()),
             decisions: DECISIONS.map(labels),
+            principles: principles
+                .iter()
+                .map(|p| {
+                    counter!(PRINCIPLE_VIOLATIONS_TOTAL, "route" => route.to_string(),
+                        "version" => version, "phase" => phase.as_str(), "principle" => p.clone())
+                })
+                .collect(),
+        }
+    }
+
+    fn count_violations(&self, violated: u64) {
+        for (i, counter) in self.principles.iter().enumerate().take(64) {
+            if violated & (1 << i) != 0 {
+                counter.increment(1);
+            }
         }
     }
 }
@@ -349,6 +371,16 @@ impl AcgeFilter {
         &self.principles
     }
 
+    /// A bit per violated principle, by its column (violations are rare: the look-up
+    /// runs only for them).
+    fn violated(&self, c: &Compliance) -> u64 {
+        c.principles
+            .iter()
+            .filter_map(|p| self.principles.iter().position(|q| q == p))
+            .filter(|i| *i < 64)
+            .fold(0, |mask, i| mask | 1 << i)
+    }
+
     /// Scores one input: from the cache (keyed on the raw input, so a hit renders
     /// nothing), or rendered once and run through the cascade. The decider is None for
     /// a cache hit (it was counted when the score was made).
@@ -416,13 +448,13 @@ impl AcgeFilter {
         RouteAcgeFilter {
             shared: self.clone(),
             request: [
-                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Request),
-                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Request),
-                PhaseMetrics::new(route, "none", Phase::Request),
+                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Request, &self.principles),
+                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Request, &self.principles),
+                PhaseMetrics::new(route, "none", Phase::Request, &self.principles),
             ],
             response: [
-                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Response),
-                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Response),
+                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Response, &self.principles),
+                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Response, &self.principles),
             ],
             cascade: self.cascade.has_second().then(|| {
                 Decider::ALL.map(|d| {
@@ -473,6 +505,7 @@ impl Filter for RouteAcgeFilter {
                 self.request[Version::NONE_INDEX].score.record(c.score);
                 ex.attributes.insert(Decisions {
                     request: Some(Decision::of(&c)),
+                    violated: f.violated(&c),
                 });
                 AcgeFilter::remember(&mut ex.attributes, &c);
                 if f.mode == AcgeMode::Enforce && !c.principles.is_empty() {
@@ -492,6 +525,7 @@ impl Filter for RouteAcgeFilter {
             Err(e) => {
                 ex.attributes.insert(Decisions {
                     request: Some(Decision::Error),
+                    violated: 0,
                 });
                 match f.on_error {
                     OnError::Deny => Verdict::Respond(json_error(
@@ -528,6 +562,7 @@ impl Filter for RouteAcgeFilter {
                 self.count(decider);
                 metrics.score.record(c.score);
                 metrics.decisions[Decision::of(&c) as usize].increment(1);
+                metrics.count_violations(f.violated(&c));
                 let compliant = c.principles.is_empty();
                 ex.findings.compliant = Some(compliant);
                 if f.mode == AcgeMode::Enforce && !compliant {
@@ -566,8 +601,12 @@ impl Filter for RouteAcgeFilter {
 
     async fn on_log(&self, ex: &Exchange) -> Result<(), LogError> {
         // Request decisions are counted once the version they went to is known.
-        if let Some(d) = ex.attributes.get::<Decisions>().and_then(|d| d.request) {
-            self.request[Version::index(ex.version)].decisions[d as usize].increment(1);
+        if let Some(decisions) = ex.attributes.get::<Decisions>() {
+            let metrics = &self.request[Version::index(ex.version)];
+            if let Some(d) = decisions.request {
+                metrics.decisions[d as usize].increment(1);
+            }
+            metrics.count_violations(decisions.violated);
         }
         Ok(())
     }
