@@ -1,7 +1,8 @@
-//! The alert rules against a real Prometheus (Debian's package, installed by
-//! scripts/setup.sh) scraping a running demo on loopback: every alert expression
-//! evaluates without error, and every metric and label it selects on exists in what
-//! the proxy exports — so renaming a metric or a label breaks this test. Faults on two
+//! The alert rules and the dashboard against a real Prometheus (Debian's package,
+//! installed by scripts/setup.sh) scraping a running demo on loopback: every alert
+//! expression evaluates without error, and every metric and label it selects on exists
+//! in what the proxy exports; every dashboard panel's query returns data, and its
+//! variables have values — so renaming a metric or a label breaks this test. Faults on two
 //! green backends make the events behind the rarer series happen: hash mismatches,
 //! 5xx answers and a migration rollback.
 #![cfg(feature = "torch")]
@@ -25,6 +26,10 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+fn encode_pair(k: &str, v: &str) -> String {
+    format!("{}={}", encode(k), encode(v))
 }
 
 struct Prometheus {
@@ -110,7 +115,7 @@ fn selectors(expr: &str) -> Vec<(String, Vec<String>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_alert_expression_evaluates_over_what_a_running_demo_exports() {
+async fn every_alert_and_dashboard_query_evaluates_over_what_a_running_demo_exports() {
     let dir = tempfile::tempdir().unwrap();
     let demo = acge_proxy::demo::start("demo-token".into(), dir.path())
         .await
@@ -202,6 +207,70 @@ async fn every_alert_expression_evaluates_over_what_a_running_demo_exports() {
         }
     }
     assert!(checked >= 9, "only {checked} selectors were checked");
+
+    // The dashboard, with every route and version selected, over the last 30 s.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/acge-proxy/files/dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard["uid"], "acge-proxy", "a stable uid");
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variables, ["datasource", "route", "version"]);
+    for label in ["route", "version"] {
+        let url = format!(
+            "{}/api/v1/label/{label}/values?{}",
+            p.url,
+            encode_pair("match[]", "acge_requests_total")
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&get(&client(), &url, &[]).await.body).unwrap();
+        let values = v["data"].as_array().unwrap();
+        assert!(
+            !values.is_empty(),
+            "no values for the `{label}` variable: {v}"
+        );
+    }
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_string();
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$route", ".+")
+                .replace("$version", ".+")
+                .replace("$__rate_interval", "30s");
+            exprs.push((title.clone(), expr));
+        }
+    }
+    let queries = exprs.len();
+    // A rate needs two scrapes in its window: poll, at most a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let panel_problems = loop {
+        let mut missing = Vec::new();
+        for (title, expr) in &exprs {
+            match query(&p, expr).await {
+                Ok(r) if !r.is_empty() => {}
+                Ok(_) => missing.push(format!("panel `{title}`: no data for {expr}")),
+                Err(e) => missing.push(format!("panel `{title}`: {e}")),
+            }
+        }
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    problems.extend(panel_problems);
+    assert!(queries >= 14, "only {queries} panel queries");
     assert!(problems.is_empty(), "{problems:#?}");
     drop(p);
     demo.proxy.shutdown().await;

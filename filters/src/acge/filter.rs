@@ -448,13 +448,33 @@ impl AcgeFilter {
         RouteAcgeFilter {
             shared: self.clone(),
             request: [
-                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Request, &self.principles),
-                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Request, &self.principles),
+                PhaseMetrics::new(
+                    route,
+                    Version::Blue.as_str(),
+                    Phase::Request,
+                    &self.principles,
+                ),
+                PhaseMetrics::new(
+                    route,
+                    Version::Green.as_str(),
+                    Phase::Request,
+                    &self.principles,
+                ),
                 PhaseMetrics::new(route, "none", Phase::Request, &self.principles),
             ],
             response: [
-                PhaseMetrics::new(route, Version::Blue.as_str(), Phase::Response, &self.principles),
-                PhaseMetrics::new(route, Version::Green.as_str(), Phase::Response, &self.principles),
+                PhaseMetrics::new(
+                    route,
+                    Version::Blue.as_str(),
+                    Phase::Response,
+                    &self.principles,
+                ),
+                PhaseMetrics::new(
+                    route,
+                    Version::Green.as_str(),
+                    Phase::Response,
+                    &self.principles,
+                ),
             ],
             cascade: self.cascade.has_second().then(|| {
                 Decider::ALL.map(|d| {
