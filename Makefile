@@ -14,6 +14,7 @@ setup:
 
 setup-test:
 	scripts/setup.sh test
+	scripts/setup-helm.sh >/dev/null
 
 build:
 	$(CARGO) build --release

@@ -1,0 +1,120 @@
+{{/*
+acge-sidecar: named templates over the including chart's `.Values.sidecar`.
+Every template takes the including chart's root context (`.`).
+*/}}
+
+{{- define "acge-sidecar.name" -}}
+{{- printf "%s-acge" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "acge-sidecar.labels" -}}
+app.kubernetes.io/name: acge-proxy
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The Secret holding the admin token: the user's, or the chart's own. */}}
+{{- define "acge-sidecar.tokenSecret" -}}
+{{- .Values.sidecar.adminToken.existingSecret | default (printf "%s-admin" (include "acge-sidecar.name" .)) -}}
+{{- end -}}
+
+{{/*
+The proxy's config file: `.Values.sidecar.config` (the keys of docs/config.md), with
+what the pod decides set here: the listener and admin addresses on the chart's ports,
+the token file from the Secret, and the audit log and migration state on the state
+volume.
+*/}}
+{{- define "acge-sidecar.config" -}}
+{{- $s := .Values.sidecar -}}
+{{- $c := deepCopy $s.config -}}
+{{- $listener := merge (dict "address" (printf "0.0.0.0:%v" $s.ports.proxy)) (get $c "listener" | default dict) -}}
+{{- $_ := set $listener "address" (printf "0.0.0.0:%v" $s.ports.proxy) -}}
+{{- $_ := set $c "listener" $listener -}}
+{{- $_ := set $c "admin" (dict "address" (printf "0.0.0.0:%v" $s.ports.admin) "token_file" "/var/run/acge/token/token") -}}
+{{- $filters := get $c "filters" | default dict -}}
+{{- if hasKey $filters "audit" -}}
+{{- $_ := set (get $filters "audit") "dir" "/var/lib/acge/audit" -}}
+{{- end -}}
+{{- if hasKey $c "migration" -}}
+{{- $_ := set (get $c "migration") "state_file" "/var/lib/acge/migration-state.json" -}}
+{{- end -}}
+{{- toYaml $c -}}
+{{- end -}}
+
+{{- define "acge-sidecar.containerSpec" -}}
+{{- $s := .Values.sidecar -}}
+name: acge-proxy
+image: {{ printf "%s:%s" $s.image.repository ($s.image.tag | toString) | quote }}
+imagePullPolicy: {{ $s.image.pullPolicy }}
+args: ["run", "--config", "/etc/acge/config.yaml"]
+ports:
+  - {name: acge-proxy, containerPort: {{ $s.ports.proxy }}, protocol: TCP}
+  - {name: acge-admin, containerPort: {{ $s.ports.admin }}, protocol: TCP}
+startupProbe:
+  httpGet: {path: /live, port: acge-admin}
+  periodSeconds: 2
+  failureThreshold: {{ div $s.startupSeconds 2 }}
+livenessProbe:
+  httpGet: {path: /live, port: acge-admin}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /ready, port: acge-admin}
+  periodSeconds: 5
+  failureThreshold: 2
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version }}
+lifecycle:
+  # The endpoints controller needs a moment to stop sending traffic here; the drain
+  # itself (drain_timeout_ms) starts on SIGTERM, after this.
+  preStop:
+    sleep: {seconds: {{ $s.preStopSeconds }}}
+{{- end }}
+resources:
+  {{- toYaml $s.resources | nindent 2 }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 65532
+  readOnlyRootFilesystem: true
+  allowPrivilegeEscalation: false
+  capabilities: {drop: [ALL]}
+  seccompProfile: {type: RuntimeDefault}
+volumeMounts:
+  - {name: acge-config, mountPath: /etc/acge, readOnly: true}
+  - {name: acge-token, mountPath: /var/run/acge/token, readOnly: true}
+  - {name: acge-state, mountPath: /var/lib/acge}
+{{- end -}}
+
+{{/* The sidecar as a container: `containers:` of the pod spec, one list item. */}}
+{{- define "acge-sidecar.container" -}}
+- {{ include "acge-sidecar.containerSpec" . | nindent 2 | trim }}
+{{- end -}}
+
+{{/*
+The sidecar as a Kubernetes native sidecar (≥ 1.29): an init container that keeps
+running (restartPolicy Always), started before the app and stopped after it.
+*/}}
+{{- define "acge-sidecar.initContainer" -}}
+- {{ include "acge-sidecar.containerSpec" . | nindent 2 | trim }}
+  restartPolicy: Always
+{{- end -}}
+
+{{/* `volumes:` of the pod spec: the config, the token, the writable state. */}}
+{{- define "acge-sidecar.volumes" -}}
+- name: acge-config
+  configMap: {name: {{ include "acge-sidecar.name" . }}}
+- name: acge-token
+  secret: {secretName: {{ include "acge-sidecar.tokenSecret" . }}, defaultMode: 0444}
+- name: acge-state
+{{- if eq .Values.sidecar.state.kind "pvc" }}
+  persistentVolumeClaim: {claimName: {{ .Values.sidecar.state.claimName | default (include "acge-sidecar.name" .) }}}
+{{- else }}
+  emptyDir: {sizeLimit: {{ .Values.sidecar.state.size }}}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations: a config change rolls the pods. */}}
+{{- define "acge-sidecar.podAnnotations" -}}
+checksum/acge-config: {{ include "acge-sidecar.config" . | sha256sum }}
+{{- end -}}

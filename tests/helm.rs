@@ -1,0 +1,46 @@
+//! The Helm charts (helm/acge-sidecar, helm/acge-proxy, helm/examples/auth), checked
+//! by helm/tests/test_charts.py with Helm's own Go SDK, Kubernetes 1.29 and 1.33
+//! schemas and this build's binary: schema, lint, every rendered object, bad values
+//! refused, and the sidecar's rendered config run with the container's args and
+//! probed as the kubelet would. scripts/setup-helm.sh provides the Python packages.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_charts_render_validate_and_run_the_sidecar_they_declare() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let setup = Command::new(root.join("scripts/setup-helm.sh"))
+        .output()
+        .expect("scripts/setup-helm.sh runs");
+    assert!(
+        setup.status.success(),
+        "scripts/setup-helm.sh: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let python = String::from_utf8_lossy(&setup.stdout)
+        .lines()
+        .last()
+        .expect("setup-helm.sh prints the venv's python")
+        .to_string();
+    let out = Command::new(python)
+        .arg(root.join("helm/tests/test_charts.py"))
+        .arg(env!("CARGO_BIN_EXE_acge-proxy"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("all chart checks passed"), "{text}");
+    // Every case ran: six renderings, four refusals, three probes.
+    assert_eq!(
+        text.matches("objects valid on Kubernetes").count(),
+        6,
+        "{text}"
+    );
+    assert_eq!(text.matches(" refused: ").count(), 4, "{text}");
+    assert_eq!(text.matches("Probe GET").count(), 3, "{text}");
+}
