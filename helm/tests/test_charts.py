@@ -115,6 +115,28 @@ def check_chart(name, values_file, work):
     return chart, values, docs
 
 
+def check_monitoring(work):
+    """The PrometheusRule carries every alert of files/alerts.yaml, with the values'
+    target rate and runbook base; the dashboard ConfigMap carries files/dashboard.json."""
+    chart = helm.Chart.load(with_library(CHARTS["acge-proxy"], work))
+    values = {"monitoring": {"targetRps": 250, "runbookBase": "https://runbooks.example/acge#"}}
+    docs = [d for _, d in objects(chart.render(values, name="auth", namespace="acgs"))]
+    source = yaml.safe_load(open(os.path.join(CHARTS["acge-proxy"], "files", "alerts.yaml")))
+    want = [r["alert"] for g in source["groups"] for r in g["rules"]]
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    got = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    if sorted(got) != sorted(want):
+        fail(f"PrometheusRule alerts {sorted(got)} are not files/alerts.yaml's {sorted(want)}")
+    if not got["ACGEThroughputLow"]["expr"].rstrip().endswith("< 250"):
+        fail(f"the target rate is not substituted: {got['ACGEThroughputLow']['expr']}")
+    if not all(r["annotations"]["runbook_url"].startswith("https://runbooks.example/acge#") for r in got.values()):
+        fail("a runbook_url does not start with monitoring.runbookBase")
+    board = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    if json.loads(board["data"]["acge-proxy.json"]) != json.load(open(os.path.join(CHARTS["acge-proxy"], "files", "dashboard.json"))):
+        fail("the dashboard ConfigMap is not files/dashboard.json")
+    ok(f"PrometheusRule: the {len(want)} alerts of files/alerts.yaml, target and runbook base from values; dashboard ConfigMap: files/dashboard.json")
+
+
 def expect_refused(name, values, needle, work):
     chart = helm.Chart.load(with_library(CHARTS[name], work))
     try:
@@ -215,6 +237,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for i, (name, values_file) in enumerate(CASES):
             check_chart(name, values_file, os.path.join(work, str(i)))
+        check_monitoring(os.path.join(work, "monitoring"))
         refused = [
             ("acge-proxy", {"sidecar": {"natve": True}}, "natve"),
             ("acge-proxy", {"service": {"port": "http"}}, "/service/port"),
