@@ -314,20 +314,14 @@ fn a_config_naming_acge_without_its_section_is_refused() {
 }
 
 fn eval(model: &Path, data: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
-        .args(["model", "eval", "--model"])
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_command(
+        Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+            .args(["model", "eval", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(data)
+            .args(extra),
+    )
 }
 
 #[test]

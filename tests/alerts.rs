@@ -3,21 +3,24 @@
 //! series of helm/acge-proxy/tests/alerts.test.yaml that should fire it and stays
 //! silent on the others.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
+use common::run_command;
+
+/// promtool, which scripts/setup.sh installs (Debian's prometheus package).
 fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("promtool is installed by scripts/setup.sh (Debian's prometheus package)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_command(Command::new("promtool").args(args).current_dir(dir))
+}
+
+/// The alert names of the rule file, in order.
+fn alerts(rules: &str) -> Vec<&str> {
+    rules
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- alert: "))
+        .collect()
 }
 
 fn chart() -> std::path::PathBuf {
@@ -33,11 +36,7 @@ fn the_alert_rules_parse_and_name_every_alert_of_the_runbook() {
     let runbook =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks.md"))
             .unwrap();
-    for line in rules
-        .lines()
-        .filter(|l| l.trim_start().starts_with("- alert: "))
-    {
-        let name = line.trim_start().trim_start_matches("- alert: ");
+    for name in alerts(&rules) {
         assert!(
             runbook.contains(&format!("## {name}")),
             "docs/runbooks.md has no section for {name}"
@@ -60,11 +59,7 @@ fn each_alert_fires_on_its_series_and_stays_silent_on_the_others() {
     // The test file exercises every alert of the rule file (a test of nothing passes).
     let rules = std::fs::read_to_string(chart().join("files/alerts.yaml")).unwrap();
     let tests = std::fs::read_to_string(chart().join("tests/alerts.test.yaml")).unwrap();
-    for line in rules
-        .lines()
-        .filter(|l| l.trim_start().starts_with("- alert: "))
-    {
-        let name = line.trim_start().trim_start_matches("- alert: ");
+    for name in alerts(&rules) {
         assert!(
             tests.contains(&format!("alertname: {name}")),
             "alerts.test.yaml does not test {name}"

@@ -239,19 +239,13 @@ fn model_eval_of_a_route_decides_as_its_cascade() {
     .unwrap();
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/eval/sample.jsonl");
     let eval = |route: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
-            .args(["model", "eval", "--json", "--config"])
-            .arg(&config)
-            .args(["--route", route, "--data"])
-            .arg(&sample)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        run_command(
+            Command::new(env!("CARGO_BIN_EXE_acge-proxy"))
+                .args(["model", "eval", "--json", "--config"])
+                .arg(&config)
+                .args(["--route", route, "--data"])
+                .arg(&sample),
+        )
     };
     let (ok, text) = eval("scored");
     assert!(ok, "{text}");

@@ -4,8 +4,12 @@
 //! refused, and the sidecar's rendered config run with the container's args and
 //! probed as the kubelet would. scripts/setup-helm.sh provides the Python packages.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::run_command;
 
 #[test]
 fn the_charts_render_validate_and_run_the_sidecar_they_declare() {
@@ -23,17 +27,12 @@ fn the_charts_render_validate_and_run_the_sidecar_they_declare() {
         .last()
         .expect("setup-helm.sh prints the venv's python")
         .to_string();
-    let out = Command::new(python)
-        .arg(root.join("helm/tests/test_charts.py"))
-        .arg(env!("CARGO_BIN_EXE_acge-proxy"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, text) = run_command(
+        Command::new(python)
+            .arg(root.join("helm/tests/test_charts.py"))
+            .arg(env!("CARGO_BIN_EXE_acge-proxy")),
     );
-    assert!(out.status.success(), "{text}");
+    assert!(ok, "{text}");
     assert!(text.contains("all chart checks passed"), "{text}");
     // Every case ran: six renderings, four refusals, three probes.
     assert_eq!(

@@ -430,3 +430,14 @@ pub fn rss_bytes() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// Runs a command to its end: whether it succeeded, and its stdout then stderr.
+pub fn run_command(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd.output().expect("the command starts");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
