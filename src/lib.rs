@@ -137,8 +137,15 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     let admin_addr = admin_listener
         .local_addr()
         .expect("a bound socket has an address");
-    let tls = match &config.listener.tls {
-        Some(tls) => Some(server::tls_acceptor(&tls.cert, &tls.key)?),
+    let certificates = match &config.listener.tls {
+        Some(tls) => Some((
+            server::Certificates::load(&tls.cert, &tls.key)?,
+            tls.reload_ms,
+        )),
+        None => None,
+    };
+    let tls = match &certificates {
+        Some((certs, _)) => Some(server::tls_acceptor(certs.clone())?),
         None => None,
     };
 
@@ -247,10 +254,13 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     if let Some(c) = &controller {
         tasks.push(c.clone().spawn(stopped()));
     }
-    let background = [
+    let mut background = vec![
         telemetry::spawn_upkeep(prometheus),
         readiness.spawn_probes(clusters),
     ];
+    if let Some((certs, every_ms)) = certificates.filter(|(_, ms)| *ms > 0) {
+        background.push(spawn_certificate_reload(certs, every_ms));
+    }
     tasks.push(tokio::spawn({
         let stop = stopped();
         async move {
@@ -271,5 +281,37 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         proxy,
         shutdown,
         tasks,
+    })
+}
+
+/// Reads the listener's certificate and key again every `every_ms`: a rotated pair
+/// (a Kubernetes Secret's files swapped in place) serves new handshakes; a pair that
+/// does not load is refused, logged once, and the current one keeps serving.
+fn spawn_certificate_reload(
+    certs: Arc<server::Certificates>,
+    every_ms: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(every_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let certs = certs.clone();
+            match tokio::task::spawn_blocking(move || certs.reload()).await {
+                Ok(Ok(true)) => {
+                    metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "loaded")
+                        .increment(1);
+                    tracing::info!("listener certificate reloaded");
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "refused")
+                        .increment(1);
+                    tracing::warn!(error = %e, "listener certificate not reloaded; the current one stays");
+                }
+                Err(_) => {}
+            }
+        }
     })
 }

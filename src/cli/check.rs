@@ -45,7 +45,7 @@ fn files(config: &ValidConfig) -> Vec<ConfigError> {
         .map(|e| (e.path, e.message))
         .collect();
     if let Some(tls) = &config.listener.tls {
-        if let Err(e) = acge_proxy::proxy::server::tls_acceptor(&tls.cert, &tls.key) {
+        if let Err(e) = acge_proxy::proxy::server::Certificates::load(&tls.cert, &tls.key) {
             errors.push(("listener.tls".into(), e.to_string()));
         }
     }

@@ -206,6 +206,10 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// How often the two files are read again (a rotated pair serves new handshakes;
+    /// open connections keep theirs); 0: never.
+    #[serde(default = "defaults::tls_reload_ms")]
+    pub reload_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -368,6 +372,9 @@ mod defaults {
     }
     pub fn body_read_timeout_ms() -> u64 {
         30_000
+    }
+    pub fn tls_reload_ms() -> u64 {
+        5_000
     }
     pub fn backlog() -> u32 {
         1024

@@ -28,6 +28,8 @@ pub const MIGRATION_ROLLBACKS_TOTAL: &str = "acge_migration_rollbacks_total";
 pub const SHADOW_REQUESTS_TOTAL: &str = "acge_shadow_requests_total";
 pub const SHADOW_MISMATCH_TOTAL: &str = "acge_shadow_mismatch_total";
 pub const REFUSED_TOTAL: &str = "acge_refused_total";
+/// Listener certificate reloads: `{result="loaded|refused"}`.
+pub const TLS_RELOADS_TOTAL: &str = "acge_tls_reloads_total";
 pub use acge_filters::metrics::{
     AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, CASCADE_TOTAL, COMPLIANCE_SCORE,
     DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,

@@ -43,7 +43,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 pub use conns::{Conns, InFlight};
-pub use tls::{acceptor as tls_acceptor, TlsError};
+pub use tls::{acceptor as tls_acceptor, Certificates, TlsError};
 
 use crate::config::ListenerConfig;
 use crate::proxy::error::ProxyError;
