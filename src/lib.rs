@@ -85,16 +85,28 @@ pub struct Running {
     /// The migration controller, when the config has a `migration` section.
     pub migration: Option<Arc<Controller>>,
     pub proxy: Arc<Proxy>,
+    readiness: Arc<Readiness>,
+    /// `listener.drain_delay_ms`.
+    drain_delay: std::time::Duration,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (up to the drain timeout), lets the
+    /// Turns `/ready` to 503 `draining` and goes on serving for the drain delay; then
+    /// stops accepting, drains in-flight requests (up to the drain timeout), lets the
     /// log phases of every exchange finish (one the drain cut short is logged as
     /// aborted), writes the migration state, then writes what the audit log still
     /// holds and signs its last checkpoint.
     pub async fn shutdown(self) {
+        self.readiness.set_draining();
+        if !self.drain_delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.drain_delay.as_millis() as u64,
+                "draining: /ready is 503, still serving"
+            );
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -215,6 +227,7 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     };
     let proxy = Arc::new(Proxy::new(&config, routes.clone()));
     let readiness = Arc::new(Readiness::new(&clusters));
+    let drain_delay_ms = config.listener.drain_delay_ms;
     let config = Arc::new(config);
     let admin = Arc::new(Admin {
         routes: routes.clone(),
@@ -279,6 +292,8 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         audit: audit_log,
         migration: controller,
         proxy,
+        readiness,
+        drain_delay: std::time::Duration::from_millis(drain_delay_ms),
         shutdown,
         tasks,
     })

@@ -388,3 +388,58 @@ routes:
         assert_eq!(r.json()["body_bytes"], 100_000);
     }
 }
+
+/// The drain order: on shutdown `/ready` turns 503 `draining` at once while requests
+/// are still served for `drain_delay_ms`; only then does the listener stop accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_ready_to_503_and_serves_through_the_drain_delay() {
+    let up = acge_proxy::demo::spawn_backend(
+        "drain",
+        acge_proxy::proxy::split::Version::Blue,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0, drain_delay_ms: 1500}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{}\"]}}
+routes:
+  - {{name: drain, match: {{path_prefix: /svc}}, blue: up, green: up}}
+",
+        up.addr
+    );
+    let p = start(&yaml, TokenSource::None).await;
+    let (proxy, admin) = (p.proxy_addr, p.admin_addr);
+    let c = client();
+    let ready = format!("http://{admin}/ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while get(&c, &ready, &[]).await.status != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(p.shutdown());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = get(&c, &ready, &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"], "draining", "{:?}", r.body);
+    // Inside the delay: still served, on a new connection too.
+    let fresh = client();
+    let r = get(&fresh, &format!("http://{proxy}/svc"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "checked inside the delay"
+    );
+    stopping.await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the listener stayed open for the whole delay"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "no longer accepting after the drain"
+    );
+}

@@ -197,6 +197,11 @@ pub struct ListenerConfig {
     /// On shutdown, in-flight requests get this long to finish.
     #[serde(default = "defaults::drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// On shutdown, `/ready` answers 503 `draining` at once, and the proxy goes on
+    /// serving this long (so that load balancers and endpoints controllers stop
+    /// sending new requests here) before it stops accepting and drains.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -30,6 +30,10 @@ volume.
 {{- $c := deepCopy $s.config -}}
 {{- $listener := merge (dict "address" (printf "0.0.0.0:%v" $s.ports.proxy)) (get $c "listener" | default dict) -}}
 {{- $_ := set $listener "address" (printf "0.0.0.0:%v" $s.ports.proxy) -}}
+{{- if not (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) -}}
+{{- /* No preStop sleep before 1.30: the proxy itself waits, answering /ready 503. */ -}}
+{{- $_ := set $listener "drain_delay_ms" (mul $s.preStopSeconds 1000) -}}
+{{- end -}}
 {{- $_ := set $c "listener" $listener -}}
 {{- $_ := set $c "admin" (dict "address" (printf "0.0.0.0:%v" $s.ports.admin) "token_file" "/var/run/acge/token/token") -}}
 {{- $filters := get $c "filters" | default dict -}}

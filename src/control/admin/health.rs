@@ -23,6 +23,8 @@ use crate::proxy::upstream::Cluster;
 /// What readiness waits for.
 pub struct Readiness {
     serving: AtomicBool,
+    /// Shutting down: `/ready` says so, whatever else holds.
+    draining: AtomicBool,
     /// Per cluster name: reached once.
     reached: HashMap<String, AtomicBool>,
 }
@@ -31,6 +33,7 @@ impl Readiness {
     pub fn new(clusters: &HashMap<String, Arc<Cluster>>) -> Self {
         Self {
             serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             reached: clusters
                 .iter()
                 .map(|(name, c)| (name.clone(), AtomicBool::new(c.is_empty())))
@@ -41,6 +44,11 @@ impl Readiness {
     /// The listeners are bound and serving.
     pub fn set_serving(&self) {
         self.serving.store(true, Ordering::Release);
+    }
+
+    /// Shutdown has begun: not ready from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Probes every cluster not reached yet, every 250 ms, until all have been.
@@ -96,6 +104,13 @@ pub async fn live() -> Response {
 
 pub async fn ready(State(admin): State<Arc<Admin>>) -> Response {
     let readiness = &admin.readiness;
+    if readiness.draining.load(Ordering::Acquire) {
+        return reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the proxy is shutting down: it still serves, but takes no new traffic soon",
+        );
+    }
     if !readiness.serving.load(Ordering::Acquire) {
         return reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
