@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn check(yaml: &str) -> (bool, String, String) {
-    let dir = std::env::temp_dir().join(format!("acge-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("c{}.yaml", yaml.len()));
+    // A directory of its own, removed afterwards: parallel checks never share a file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
     run_check(path)
 }
