@@ -74,9 +74,20 @@ impl Certificates {
     /// they last failed), an error (and the current pair kept) when changed files do
     /// not load.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let bytes = read_both(&self.cert, &self.key)?;
-        let digest = sha(&bytes);
         let mut last = self.digest.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = match read_both(&self.cert, &self.key) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // A file that cannot be read is reported once too, until that changes.
+                let digest = sha(&(e.to_string().into_bytes(), Vec::new()));
+                if *last == digest {
+                    return Ok(false);
+                }
+                *last = digest;
+                return Err(e);
+            }
+        };
+        let digest = sha(&bytes);
         if *last == digest {
             return Ok(false);
         }
