@@ -14,23 +14,22 @@ pub mod demo;
 pub mod proxy;
 pub mod telemetry;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use acge_filters::audit::AuditLog;
-use acge_filters::registry::{BuildError, Registry};
-use acge_filters::{Chain, Filter};
+use acge_filters::registry::BuildError;
+use acge_filters::Filter;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::reload::{self, AssembleError, Outcome, Reloader, Trigger};
 use crate::config::ValidConfig;
 use crate::control::admin::{Admin, Readiness, TokenSource};
-use crate::control::migration::{Controller, MigrationError, Shadow};
-use crate::proxy::route::{Mirror, Parts, RouteTable};
+use crate::control::migration::{Controller, MigrationError};
+use crate::proxy::route::RouteTable;
 use crate::proxy::server::{self, ServerOptions};
-use crate::proxy::upstream::Cluster;
 use crate::proxy::Proxy;
 
 /// Why the proxy could not start.
@@ -50,6 +49,15 @@ pub enum StartError {
     MissingFilter(String),
     #[error(transparent)]
     Migration(#[from] MigrationError),
+}
+
+impl From<AssembleError> for StartError {
+    fn from(e: AssembleError) -> Self {
+        match e {
+            AssembleError::Filters(e) => Self::Filters(e),
+            AssembleError::MissingFilter(name) => Self::MissingFilter(name),
+        }
+    }
 }
 
 /// How to start, beyond the config file.
@@ -80,12 +88,14 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub routes: Arc<ArcSwap<RouteTable>>,
-    /// The audit log, when a route runs the audit filter.
-    pub audit: Option<Arc<AuditLog>>,
     /// The migration controller, when the config has a `migration` section.
     pub migration: Option<Arc<Controller>>,
     pub proxy: Arc<Proxy>,
+    /// The config serving and its reloads.
+    pub reloader: Arc<Reloader>,
     readiness: Arc<Readiness>,
+    /// The listener's certificates, when it serves TLS.
+    certificates: Option<Arc<server::Certificates>>,
     /// `listener.drain_delay_ms`.
     drain_delay: std::time::Duration,
     shutdown: watch::Sender<bool>,
@@ -93,6 +103,26 @@ pub struct Running {
 }
 
 impl Running {
+    /// The audit log, when a route runs the audit filter.
+    pub fn audit(&self) -> Option<Arc<AuditLog>> {
+        self.reloader.current().registry.audit_log()
+    }
+
+    /// Reads the config file again and swaps it in when it changed and is valid
+    /// (what `SIGHUP` and `POST /reload` do).
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        self.reloader.reload(trigger).await
+    }
+
+    /// Reads the listener's certificate and key again now (what `SIGHUP` does besides
+    /// the config); false when there is nothing new or the listener has no TLS.
+    pub async fn reload_certificates(&self) -> bool {
+        match &self.certificates {
+            Some(certs) => reload_certificates(certs.clone()).await,
+            None => false,
+        }
+    }
+
     /// Turns `/ready` to 503 `draining` and goes on serving for the drain delay; then
     /// stops accepting, drains in-flight requests (up to the drain timeout), lets the
     /// log phases of every exchange finish (one the drain cut short is logged as
@@ -124,7 +154,7 @@ impl Running {
         if let Some(m) = &self.migration {
             m.flush().await;
         }
-        if let Some(audit) = self.audit {
+        if let Some(audit) = self.reloader.current().registry.audit_log() {
             audit.close().await;
         }
     }
@@ -161,82 +191,36 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         None => None,
     };
 
-    let clusters: HashMap<String, Arc<Cluster>> = config
-        .clusters
-        .iter()
-        .map(|(name, c)| (name.clone(), Arc::new(Cluster::new(name, c))))
-        .collect();
-    let registry = Registry::build(&config.filters, &config.constitution.hash, |name| {
-        config.uses_filter(name)
-    })?;
-    for route in &config.routes {
-        for name in &route.filters {
-            if config.is_custom_filter(name) && !options.filters.iter().any(|(n, _)| n == name) {
-                return Err(StartError::MissingFilter(name.clone()));
-            }
-        }
-    }
-    let shadows: HashMap<String, Arc<Shadow>> = match &config.migration {
-        Some(m) => config
-            .routes
-            .iter()
-            .filter(|r| m.covers(&r.name))
-            .map(|r| (r.name.clone(), Arc::new(Shadow::new(&r.name, &m.shadow))))
-            .collect(),
-        None => HashMap::new(),
-    };
-    let chain_of = |route: &config::RouteConfig| {
-        Chain::new(
-            route
-                .filters
-                .iter()
-                .filter_map(|name| {
-                    options
-                        .filters
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, f)| f.clone())
-                        .or_else(|| registry.for_route(name, &route.name))
-                })
-                .collect(),
-        )
-    };
-    let mirror_of = |route: &config::RouteConfig| {
-        shadows
-            .get(&route.name)
-            .map(|s| s.clone() as Arc<dyn Mirror>)
-    };
-    let table = RouteTable::build(
-        &config,
-        Parts {
-            clusters: &clusters,
-            chain_of: &chain_of,
-            mirror_of: &mirror_of,
-        },
-    );
+    let config = Arc::new(config);
+    let (generation, table) = reload::assemble(config.clone(), &options.filters, None)?;
     let routes = Arc::new(ArcSwap::from_pointee(table));
-    let audit_log = registry.audit_log();
     let controller = match &config.migration {
         Some(m) => Some(Arc::new(Controller::new(
             m,
             &routes.load(),
-            &shadows,
-            audit_log.clone(),
+            &generation.shadows,
+            generation.registry.audit_log(),
         )?)),
         None => None,
     };
     let proxy = Arc::new(Proxy::new(&config, routes.clone()));
-    let readiness = Arc::new(Readiness::new(&clusters));
+    let readiness = Arc::new(Readiness::new());
+    readiness.track(&generation.clusters);
     let drain_delay_ms = config.listener.drain_delay_ms;
-    let config = Arc::new(config);
+    let reloader = Arc::new(Reloader::new(
+        generation,
+        routes.clone(),
+        readiness.clone(),
+        controller.clone(),
+        options.filters.clone(),
+    ));
     let admin = Arc::new(Admin {
         routes: routes.clone(),
         prometheus: prometheus.clone(),
         token: options.admin_token.clone(),
-        config: config.clone(),
+        reloader: reloader.clone(),
         readiness: readiness.clone(),
         migration: controller.clone(),
-        audit: audit_log.clone(),
     })
     .router(options.admin_routes.clone());
 
@@ -267,12 +251,24 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     if let Some(c) = &controller {
         tasks.push(c.clone().spawn(stopped()));
     }
-    let mut background = vec![
-        telemetry::spawn_upkeep(prometheus),
-        readiness.spawn_probes(clusters),
-    ];
-    if let Some((certs, every_ms)) = certificates.filter(|(_, ms)| *ms > 0) {
-        background.push(spawn_certificate_reload(certs, every_ms));
+    let mut background = vec![telemetry::spawn_upkeep(prometheus)];
+    if let Some((certs, every_ms)) = certificates.as_ref().filter(|(_, ms)| *ms > 0) {
+        background.push(spawn_certificate_reload(certs.clone(), *every_ms));
+    }
+    if let (Some(path), true) = (config.source(), config.admin.reload.watch) {
+        let watching = reloader.clone();
+        let debounce = std::time::Duration::from_millis(config.admin.reload.debounce_ms);
+        match config::watch_file(path, debounce, move || {
+            let reloader = watching.clone();
+            async move {
+                reloader.reload(Trigger::Watch).await;
+            }
+        }) {
+            Ok(task) => background.push(task),
+            Err(e) => {
+                tracing::warn!(error = %e, file = %path.display(), "cannot watch the config directory; reload with SIGHUP or POST /reload")
+            }
+        }
     }
     tasks.push(tokio::spawn({
         let stop = stopped();
@@ -289,10 +285,11 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         proxy_addr,
         admin_addr,
         routes,
-        audit: audit_log,
         migration: controller,
         proxy,
+        reloader,
         readiness,
+        certificates: certificates.map(|(certs, _)| certs),
         drain_delay: std::time::Duration::from_millis(drain_delay_ms),
         shutdown,
         tasks,
@@ -312,21 +309,25 @@ fn spawn_certificate_reload(
         tick.tick().await;
         loop {
             tick.tick().await;
-            let certs = certs.clone();
-            match tokio::task::spawn_blocking(move || certs.reload()).await {
-                Ok(Ok(true)) => {
-                    metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "loaded")
-                        .increment(1);
-                    tracing::info!("listener certificate reloaded");
-                }
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "refused")
-                        .increment(1);
-                    tracing::warn!(error = %e, "listener certificate not reloaded; the current one stays");
-                }
-                Err(_) => {}
-            }
+            reload_certificates(certs.clone()).await;
         }
     })
+}
+
+/// Reads the listener's certificate and key again (off the runtime's workers); true
+/// when a new pair now serves.
+async fn reload_certificates(certs: Arc<server::Certificates>) -> bool {
+    match tokio::task::spawn_blocking(move || certs.reload()).await {
+        Ok(Ok(true)) => {
+            metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "loaded").increment(1);
+            tracing::info!("listener certificate reloaded");
+            true
+        }
+        Ok(Ok(false)) | Err(_) => false,
+        Ok(Err(e)) => {
+            metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "refused").increment(1);
+            tracing::warn!(error = %e, "listener certificate not reloaded; the current one stays");
+            false
+        }
+    }
 }

@@ -159,7 +159,8 @@ pub enum BuildError {
 /// The built-in filters a config runs, each built once.
 pub struct Registry {
     hash: Option<Arc<HashFilter>>,
-    acge: Option<Arc<AcgeFilter>>,
+    /// The acge filter, with the settings (and constitution hash) it was loaded with.
+    acge: Option<(serde_json::Value, Arc<AcgeFilter>)>,
     audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
 }
 
@@ -171,6 +172,19 @@ impl Registry {
         constitution_hash: &str,
         used: impl Fn(&str) -> bool,
     ) -> Result<Self, BuildError> {
+        Self::rebuild(config, constitution_hash, used, None)
+    }
+
+    /// Builds the filters of a reloaded config, keeping what `previous` built where it
+    /// can: the acge filter (its engines, threads and score cache) when its settings
+    /// and the constitution hash are unchanged, and the audit log always (one writer
+    /// per log directory: the caller refuses a reload that changes `filters.audit`).
+    pub fn rebuild(
+        config: &FiltersConfig,
+        constitution_hash: &str,
+        used: impl Fn(&str) -> bool,
+        previous: Option<&Registry>,
+    ) -> Result<Self, BuildError> {
         let hash = if used("constitutional_hash") {
             let settings = config.constitutional_hash.clone().unwrap_or_default();
             Some(Arc::new(
@@ -181,12 +195,26 @@ impl Registry {
         };
         let acge = match (&config.acge, used("acge")) {
             (Some(settings), true) => {
-                Some(Arc::new(AcgeFilter::load(settings, constitution_hash)?))
+                let key = serde_json::json!({"settings": settings, "hash": constitution_hash});
+                let kept = previous
+                    .and_then(|p| p.acge.as_ref())
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, f)| f.clone());
+                let filter = match kept {
+                    Some(f) => f,
+                    None => Arc::new(AcgeFilter::load(settings, constitution_hash)?),
+                };
+                Some((key, filter))
             }
             _ => None,
         };
-        let audit = match (&config.audit, used("audit")) {
-            (Some(settings), true) => {
+        let audit = match (
+            previous.and_then(|p| p.audit.clone()),
+            &config.audit,
+            used("audit"),
+        ) {
+            (Some(kept), _, _) => Some(kept),
+            (None, Some(settings), true) => {
                 let (log, report) = AuditLog::open(settings)?;
                 tracing::info!(
                     dir = %settings.dir.display(),
@@ -213,7 +241,7 @@ impl Registry {
             "acge" => self
                 .acge
                 .as_ref()
-                .map(|f| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
+                .map(|(_, f)| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
             "audit" => self
                 .audit
                 .as_ref()
@@ -229,7 +257,7 @@ impl Registry {
 
     /// The acge filter's shared part, when a route runs it (for readiness).
     pub fn acge(&self) -> Option<Arc<AcgeFilter>> {
-        self.acge.clone()
+        self.acge.as_ref().map(|(_, f)| f.clone())
     }
 }
 

@@ -45,6 +45,24 @@ pub fn block_on<T>(
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.
+/// `SIGHUP`s, one item each (none ever arrives off Unix).
+pub fn hangup_signal() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A reload is already pending when the channel is full: one is enough.
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    std::mem::forget(tx);
+    Ok(rx)
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -6,18 +6,22 @@
 //! cannot say (cluster references, percentages, addresses, duplicates) and reports
 //! *every* problem at once, each with its field path and, where the scanner finds it,
 //! the line. The result is a [`ValidConfig`], the only form [`crate::start`] takes.
-//! This module owns no runtime state.
+//! [`reload`] reads the file again at runtime ([`watch`] sees it change) and holds the
+//! generation serving; the rest of this module owns no runtime state.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod lines;
+pub mod reload;
 mod types;
 mod validate;
+mod watch;
 
 use lines::LineIndex;
 pub use types::*;
 pub use validate::{parse_endpoint, ValidConfig};
+pub use watch::spawn as watch_file;
 
 /// Deepest nesting a config may have. Config files people write are a few levels
 /// deep; a bound keeps parsing linear in the file's size.
@@ -64,22 +68,51 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl Config {
     /// Reads, parses and validates a config file; paths in it are relative to its
     /// directory.
     pub fn load(path: &Path) -> Result<ValidConfig, ConfigErrors> {
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            origin: origin.clone(),
+        let text = std::fs::read(path).map_err(|e| ConfigErrors {
+            origin: path.display().to_string(),
             errors: vec![ConfigError {
                 path: String::new(),
                 line: None,
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        let (mut config, lines) = Self::parse(&text, &origin)?;
+        Self::load_bytes(path, &text, &[])
+    }
+
+    /// Parses and validates the contents of the config file `path` (read by the
+    /// caller: a reload hashes what it read); `custom_filters` as in
+    /// [`ValidConfig::new`].
+    pub fn load_bytes(
+        path: &Path,
+        bytes: &[u8],
+        custom_filters: &[&str],
+    ) -> Result<ValidConfig, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigErrors {
+            origin: origin.clone(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("the file is not UTF-8: {e}"),
+            }],
+        })?;
+        let (mut config, lines) = Self::parse(text, &origin)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        ValidConfig::checked(config, &[], &origin, Some(lines))
+        ValidConfig::checked(config, custom_filters, &origin, Some(lines))
+            .map(|valid| valid.read_from(path, bytes))
     }
 
     /// Parses and validates YAML text; `origin` names it in errors.

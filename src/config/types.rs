@@ -226,6 +226,9 @@ pub struct AdminConfig {
     /// rotated secret applies without a restart. Without it, `ACGE_ADMIN_TOKEN` is used.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// How the config file is reloaded (docs/operations.md).
+    #[serde(default)]
+    pub reload: ReloadConfig,
 }
 
 impl Default for AdminConfig {
@@ -233,6 +236,31 @@ impl Default for AdminConfig {
         Self {
             address: defaults::admin_address(),
             token_file: None,
+            reload: ReloadConfig::default(),
+        }
+    }
+}
+
+/// Reloading the config file: on `POST /reload` and `SIGHUP` always, and on a change
+/// in the file's directory when `watch` is on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the directory holding the config file (a mounted ConfigMap's `..data`
+    /// swap, an editor's rename) and reload when the file's content changes.
+    #[serde(default = "defaults::reload_watch")]
+    pub watch: bool,
+    /// Quiet time after the last change in the directory before the file is read, so
+    /// that a swap of several steps is read once, whole.
+    #[serde(default = "defaults::reload_debounce_ms")]
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: defaults::reload_watch(),
+            debounce_ms: defaults::reload_debounce_ms(),
         }
     }
 }
@@ -413,6 +441,12 @@ mod defaults {
     }
     pub fn admin_address() -> String {
         "127.0.0.1:15000".into()
+    }
+    pub fn reload_watch() -> bool {
+        true
+    }
+    pub fn reload_debounce_ms() -> u64 {
+        250
     }
     pub fn constitution_hash() -> String {
         super::DEFAULT_CONSTITUTION_HASH.into()

@@ -25,6 +25,9 @@ pub struct ValidConfig {
     custom_filters: Vec<String>,
     /// Where each field is written, when the config came from a file.
     lines: Option<Arc<LineIndex>>,
+    /// The file it was read from (a reload reads it again), when it came from one,
+    /// and the SHA-256 of the bytes read.
+    source: Option<(std::path::PathBuf, String)>,
 }
 
 impl std::ops::Deref for ValidConfig {
@@ -64,8 +67,35 @@ impl ValidConfig {
             admin_at: parse_socket_addr(&config.admin.address).expect("validated just above"),
             custom_filters: custom_filters.iter().map(|s| s.to_string()).collect(),
             lines: lines.map(Arc::new),
+            source: None,
             config,
         })
+    }
+
+    /// Records the file the config was read from, and what it held (for reloads).
+    pub(super) fn read_from(mut self, path: &std::path::Path, bytes: &[u8]) -> Self {
+        self.source = Some((path.to_path_buf(), super::sha256_hex(bytes)));
+        self
+    }
+
+    /// The file the config was read from; None for one built in code or embedded
+    /// (which cannot be reloaded).
+    pub fn source(&self) -> Option<&std::path::Path> {
+        self.source.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// The SHA-256 of the config: of the file's bytes when it came from a file, else of
+    /// its JSON form.
+    pub fn sha256(&self) -> String {
+        match &self.source {
+            Some((_, digest)) => digest.clone(),
+            None => super::sha256_hex(&serde_json::to_vec(&self.config).unwrap_or_default()),
+        }
+    }
+
+    /// Names of the embedding program's filters this config was validated with.
+    pub fn custom_filters(&self) -> Vec<&str> {
+        self.custom_filters.iter().map(String::as_str).collect()
     }
 
     /// The config, to change it (then validate it again with [`ValidConfig::new`]).

@@ -121,8 +121,7 @@ pub fn banner(demo: &Demo) -> String {
     let token = &demo.token;
     let audit = demo
         .proxy
-        .audit
-        .as_ref()
+        .audit()
         .map(|a| a.dir().display().to_string())
         .unwrap_or_default();
     let mut routes = String::new();

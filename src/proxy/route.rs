@@ -66,7 +66,7 @@ pub struct Route {
     pub max_body_bytes: u64,
     /// Recent figures per version, for the migration controller; None on a route it
     /// does not walk, which then records nothing per request.
-    pub windows: Option<Windows>,
+    pub windows: Option<Arc<Windows>>,
     /// Copies requests to green at the migration's shadow step.
     pub mirror: Option<Arc<dyn Mirror>>,
     /// Honour `x-acge-version` (the route's `version_override`).
@@ -107,6 +107,10 @@ pub struct Parts<'a> {
     pub clusters: &'a HashMap<String, Arc<Cluster>>,
     pub chain_of: &'a dyn Fn(&RouteConfig) -> Chain,
     pub mirror_of: &'a dyn Fn(&RouteConfig) -> Option<Arc<dyn Mirror>>,
+    /// On a config reload, the table being replaced and the config it was built from:
+    /// a route that keeps its name keeps its weight and its windows (see
+    /// [`RouteTable::build`]).
+    pub previous: Option<(&'a RouteTable, &'a ValidConfig)>,
 }
 
 /// All routes, matched by longest path prefix.
@@ -119,8 +123,15 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from a validated config.
+    ///
+    /// On a reload (`parts.previous`), a route whose name the running table has keeps
+    /// that route's weight (the same atomic, so a weight set at runtime survives) and
+    /// its windows, unless the file's `green_weight` for it changed since the last
+    /// load: an edited weight is the operator's and applies. On a route the migration
+    /// controller walks the weight is always the controller's.
     pub fn build(config: &ValidConfig, parts: Parts<'_>) -> Self {
         let window_span = config.migration.as_ref().map(|m| (m, m.window_span()));
+        let walked = |name: &str| config.migration.as_ref().is_some_and(|m| m.covers(name));
         let in_order: Vec<Arc<Route>> = config
             .routes
             .iter()
@@ -135,10 +146,26 @@ impl RouteTable {
                         (None, Some(c)) => Some(StickyKey::Cookie(c.clone())),
                         (None, None) => None,
                     });
-                let weight = u8::try_from(rc.green_weight.clamp(0, 100))
+                let file_weight = u8::try_from(rc.green_weight.clamp(0, 100))
                     .expect("clamped to 0..=100, which fits u8");
+                let previous = parts.previous.and_then(|(table, old)| {
+                    let route = table.get(&rc.name)?;
+                    let old_weight = old
+                        .routes
+                        .iter()
+                        .find(|r| r.name == rc.name)
+                        .map(|r| r.green_weight);
+                    let edited = old_weight != Some(rc.green_weight) && !walked(&rc.name);
+                    Some((route, edited))
+                });
+                let splitter = match previous {
+                    Some((route, false)) => {
+                        Splitter::carrying(&route.splitter, sticky, rc.version_override)
+                    }
+                    _ => Splitter::new(file_weight, sticky, rc.version_override),
+                };
                 let metrics = RouteMetrics::new(&rc.name);
-                metrics.set_green_weight(weight);
+                metrics.set_green_weight(splitter.green_weight());
                 let cluster = |name: &str| {
                     parts
                         .clusters
@@ -146,18 +173,23 @@ impl RouteTable {
                         .expect("a ValidConfig's routes name existing clusters")
                         .clone()
                 };
+                let windows = window_span
+                    .filter(|(m, _)| m.covers(&rc.name))
+                    .map(|(_, span)| {
+                        previous
+                            .and_then(|(route, _)| route.windows.clone())
+                            .unwrap_or_else(|| Arc::new(Windows::new(span)))
+                    });
                 Arc::new(Route {
                     name: rc.name.as_str().into(),
                     path_prefix: rc.matcher.path_prefix.clone(),
                     blue: cluster(&rc.blue),
                     green: cluster(&rc.green),
-                    splitter: Splitter::new(weight, sticky, rc.version_override),
+                    splitter,
                     metrics,
                     chain: (parts.chain_of)(rc),
                     max_body_bytes: rc.max_body_bytes,
-                    windows: window_span
-                        .filter(|(m, _)| m.covers(&rc.name))
-                        .map(|(_, span)| Windows::new(span)),
+                    windows,
                     mirror: (parts.mirror_of)(rc),
                     allows_override: rc.version_override,
                 })

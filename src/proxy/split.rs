@@ -11,6 +11,7 @@
 //! or forward anything (`upstream/`), and it reads no filter's results.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, COOKIE};
 
@@ -47,9 +48,13 @@ pub enum StickyKey {
 }
 
 /// The weight of one route and the rule that applies it.
+///
+/// The weight is shared: a config reload builds a new splitter for the route (its
+/// sticky key and override may have changed) around the weight the running one has, so
+/// that a weight set at runtime, by an operator or the migration controller, survives.
 #[derive(Debug)]
 pub struct Splitter {
-    green_weight: AtomicU8,
+    green_weight: Arc<AtomicU8>,
     sequence: AtomicU64,
     sticky: Option<StickyKey>,
     allow_override: bool,
@@ -57,8 +62,26 @@ pub struct Splitter {
 
 impl Splitter {
     pub fn new(green_weight: u8, sticky: Option<StickyKey>, allow_override: bool) -> Self {
+        Self::sharing(
+            Arc::new(AtomicU8::new(green_weight.min(100))),
+            sticky,
+            allow_override,
+        )
+    }
+
+    /// A splitter for a reloaded route: its own rule, `previous`'s weight (the same
+    /// atomic, so a change through either applies to both).
+    pub fn carrying(previous: &Splitter, sticky: Option<StickyKey>, allow_override: bool) -> Self {
+        Self::sharing(previous.green_weight.clone(), sticky, allow_override)
+    }
+
+    fn sharing(
+        green_weight: Arc<AtomicU8>,
+        sticky: Option<StickyKey>,
+        allow_override: bool,
+    ) -> Self {
         Self {
-            green_weight: AtomicU8::new(green_weight.min(100)),
+            green_weight,
             sequence: AtomicU64::new(0),
             sticky,
             allow_override,
@@ -206,6 +229,21 @@ mod tests {
         assert_eq!(pick(u64::MAX, 100), Version::Green);
         assert_eq!(pick(0, 1), Version::Green);
         assert_eq!(pick(0, 0), Version::Blue);
+    }
+
+    #[test]
+    fn a_carried_splitter_shares_the_weight_and_has_its_own_rule() {
+        let old = Splitter::new(30, None, false);
+        let new = Splitter::carrying(&old, None, true);
+        assert_eq!(new.green_weight(), 30);
+        new.set_green_weight(55);
+        assert_eq!(old.green_weight(), 55);
+        old.set_green_weight(70);
+        assert_eq!(new.green_weight(), 70);
+        let mut h = HeaderMap::new();
+        h.insert(OVERRIDE_HEADER, "green".parse().unwrap());
+        assert_eq!(new.choose(&h).unwrap().reason, Reason::Override);
+        assert_ne!(old.choose(&h).unwrap().reason, Reason::Override);
     }
 
     proptest! {

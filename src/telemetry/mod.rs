@@ -30,6 +30,10 @@ pub const SHADOW_MISMATCH_TOTAL: &str = "acge_shadow_mismatch_total";
 pub const REFUSED_TOTAL: &str = "acge_refused_total";
 /// Listener certificate reloads: `{result="loaded|refused"}`.
 pub const TLS_RELOADS_TOTAL: &str = "acge_tls_reloads_total";
+/// Config reloads: `{result="loaded|unchanged|refused|no_file", trigger="admin|signal|watch"}`.
+pub const CONFIG_RELOADS_TOTAL: &str = "acge_config_reloads_total";
+/// The generation of the config serving: 1 at start, one more per loaded reload.
+pub const CONFIG_GENERATION: &str = "acge_config_generation";
 pub use acge_filters::metrics::{
     AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, CASCADE_TOTAL, COMPLIANCE_SCORE,
     DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,

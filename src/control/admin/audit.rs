@@ -12,7 +12,7 @@ use http::StatusCode;
 use super::{reply, Admin};
 
 pub async fn checkpoint(State(admin): State<Arc<Admin>>) -> Response {
-    let Some(log) = &admin.audit else {
+    let Some(log) = admin.reloader.current().registry.audit_log() else {
         return reply::error(
             StatusCode::NOT_FOUND,
             "no_audit_log",

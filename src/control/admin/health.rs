@@ -5,10 +5,11 @@
 //! (blue below 100 % green, green above 0 %) has accepted a connection once. Each
 //! cluster's latch drops for good the first time it does; a later outage is the
 //! upstream's to report (502/503), not a reason to pull the sidecar from its Service.
+//! A config reload that adds a cluster, or changes one, gives it a new latch and probe.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -25,19 +26,16 @@ pub struct Readiness {
     serving: AtomicBool,
     /// Shutting down: `/ready` says so, whatever else holds.
     draining: AtomicBool,
-    /// Per cluster name: reached once.
-    reached: HashMap<String, AtomicBool>,
+    /// Per cluster name: reached once. Read by `/ready` only, never by a request.
+    reached: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 impl Readiness {
-    pub fn new(clusters: &HashMap<String, Arc<Cluster>>) -> Self {
+    pub fn new() -> Self {
         Self {
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            reached: clusters
-                .iter()
-                .map(|(name, c)| (name.clone(), AtomicBool::new(c.is_empty())))
-                .collect(),
+            reached: Mutex::new(HashMap::new()),
         }
     }
 
@@ -51,39 +49,61 @@ impl Readiness {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Probes every cluster not reached yet, every 250 ms, until all have been.
-    pub fn spawn_probes(
-        self: &Arc<Self>,
-        clusters: HashMap<String, Arc<Cluster>>,
-    ) -> tokio::task::JoinHandle<()> {
-        let readiness = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut waiting = false;
-                for (name, cluster) in &clusters {
-                    let latch = &readiness.reached[name];
-                    if latch.load(Ordering::Acquire) {
-                        continue;
-                    }
-                    if cluster.reachable().await {
-                        latch.store(true, Ordering::Release);
-                        tracing::info!(cluster = %name, "cluster reachable");
-                    } else {
-                        waiting = true;
-                    }
-                }
-                if !waiting {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Waits for a first connection to each of `clusters` (new ones, or ones a reload
+    /// rebuilt): each gets a fresh latch, and a task that probes it every 250 ms until
+    /// it answers, or until the cluster is dropped (a later reload replaced it).
+    /// A cluster with no endpoints counts as reached (every request to it is a 503).
+    pub fn track(self: &Arc<Self>, clusters: &HashMap<String, Arc<Cluster>>) {
+        let mut reached = self.reached.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, cluster) in clusters {
+            let latch = Arc::new(AtomicBool::new(cluster.is_empty()));
+            reached.insert(name.clone(), latch.clone());
+            if !cluster.is_empty() {
+                tokio::spawn(probe(name.clone(), Arc::downgrade(cluster), latch));
             }
-        })
+        }
+    }
+
+    /// Forgets clusters the config no longer has.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.reached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| keep(name));
     }
 
     fn reached(&self, cluster: &str) -> bool {
         self.reached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .get(cluster)
             .is_none_or(|latch| latch.load(Ordering::Acquire))
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn probe(name: String, cluster: Weak<Cluster>, latch: Arc<AtomicBool>) {
+    loop {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        if cluster.reachable().await {
+            latch.store(true, Ordering::Release);
+            tracing::info!(cluster = %name, "cluster reachable");
+            return;
+        }
+        drop(cluster);
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -93,7 +113,7 @@ pub async fn index() -> Response {
             "GET /live", "GET /ready", "GET /metrics", "GET /weights",
             "PUT /routes/{name}/weights", "GET /config_dump", "GET /migration",
             "POST /migration/{route}/{pause,resume,promote,rollback}",
-            "GET /audit/checkpoint"
+            "GET /audit/checkpoint", "POST /reload"
         ]
     }))
 }
@@ -104,7 +124,7 @@ pub async fn live() -> Response {
 
 pub async fn ready(State(admin): State<Arc<Admin>>) -> Response {
     let readiness = &admin.readiness;
-    if readiness.draining.load(Ordering::Acquire) {
+    if readiness.is_draining() {
         return reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",

@@ -9,7 +9,8 @@
 //! | `GET /metrics`                 | Prometheus text format                                |
 //! | `GET /weights`                 | `{"routes": {"auth": {"blue": 95, "green": 5}}}`      |
 //! | `PUT /routes/{name}/weights`   | body `{"green": 25}`; needs the bearer token          |
-//! | `GET /config_dump`             | the running config, current weights, no secrets       |
+//! | `GET /config_dump`             | the running config, current weights, its generation and SHA-256, no secrets |
+//! | `POST /reload`                 | reads the config file again and swaps it in (or says why not); needs the token |
 //! | `GET /migration`               | the migration controller's state, per route           |
 //! | `POST /migration/{r}/{action}` | pause, resume, promote, rollback; needs the token     |
 //! | `GET /audit/checkpoint`        | the audit log's latest signed checkpoint (c2sp note)  |
@@ -27,6 +28,7 @@ mod config_dump;
 mod health;
 mod metrics;
 mod migration;
+mod reload;
 mod reply;
 mod weights;
 
@@ -46,7 +48,7 @@ pub use auth::TokenSource;
 pub use health::Readiness;
 pub use reply::{body as read_body, error as json_error_response, ok as json_ok, MAX_BODY};
 
-use crate::config::ValidConfig;
+use crate::config::reload::Reloader;
 use crate::control::migration::Controller;
 use crate::proxy::route::RouteTable;
 use crate::proxy::Body;
@@ -56,10 +58,10 @@ pub struct Admin {
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) token: TokenSource,
-    pub(crate) config: Arc<ValidConfig>,
+    /// The running config and what was built from it; swaps in reloaded ones.
+    pub(crate) reloader: Arc<Reloader>,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) migration: Option<Arc<Controller>>,
-    pub(crate) audit: Option<Arc<acge_filters::audit::AuditLog>>,
 }
 
 impl Admin {
@@ -75,6 +77,7 @@ impl Admin {
             .route("/weights", get(weights::list))
             .route("/routes/{name}/weights", put(weights::set))
             .route("/config_dump", get(config_dump::dump))
+            .route("/reload", post(reload::reload))
             .route("/migration", get(migration::status))
             .route("/migration/{route}/{action}", post(migration::act))
             .route("/audit/checkpoint", get(audit::checkpoint))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use acge_filters::audit::log::now_ms;
 use acge_filters::audit::{AuditLog, AuditRecord};
 use acge_filters::Version;
+use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Gauge};
 use serde_json::json;
 
@@ -29,23 +30,52 @@ struct Progress {
 }
 
 struct RouteMigration {
-    route: Arc<Route>,
+    /// The route in the table now serving; a config reload replaces it with the new
+    /// table's route of the same name, which carries the weight and the windows.
+    route: ArcSwap<Route>,
     shadow: Arc<Shadow>,
     progress: Mutex<Progress>,
     step_gauge: Gauge,
 }
 
 impl RouteMigration {
-    fn windows(&self) -> &Windows {
+    fn new(
+        route: &Arc<Route>,
+        shadows: &HashMap<String, Arc<Shadow>>,
+        config: &MigrationConfig,
+        saved: Saved,
+    ) -> Self {
+        Self {
+            route: ArcSwap::new(route.clone()),
+            shadow: shadows
+                .get(&*route.name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Shadow::new(&route.name, &config.shadow))),
+            progress: Mutex::new(Progress {
+                saved,
+                since: Instant::now(),
+                holding: None,
+            }),
+            step_gauge: gauge!(MIGRATION_STEP, "route" => route.name.to_string()),
+        }
+    }
+
+    fn windows(&self) -> Arc<Windows> {
         self.route
+            .load()
             .windows
-            .as_ref()
+            .clone()
             .expect("the route table gives every route the controller walks its windows")
+    }
+
+    fn name(&self) -> Arc<str> {
+        self.route.load().name.clone()
     }
 }
 
 pub struct Controller {
-    routes: Vec<RouteMigration>,
+    /// Replaced whole by [`Controller::sync`] after a config reload.
+    routes: ArcSwap<Vec<Arc<RouteMigration>>>,
     config: MigrationConfig,
     audit: Option<Arc<AuditLog>>,
     writer: Option<StateWriter>,
@@ -73,31 +103,13 @@ impl Controller {
                 let mut s = saved
                     .as_ref()
                     .and_then(|f| f.routes.get(&*route.name).cloned())
-                    .unwrap_or(Saved {
-                        step: 0,
-                        state: State::Running,
-                        since_ms: now_ms(),
-                        last_rollback: None,
-                        note: None,
-                    });
+                    .unwrap_or_else(Saved::first_step);
                 if s.step > last {
                     tracing::warn!(route = %route.name, step = s.step, "the saved step is past the configured steps; resuming at the last");
                     s.step = last;
                 }
                 tracing::info!(route = %route.name, step = s.step, state = ?s.state, "migration controller resumes");
-                RouteMigration {
-                    route: route.clone(),
-                    shadow: shadows
-                        .get(&*route.name)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(Shadow::new(&route.name, &config.shadow))),
-                    progress: Mutex::new(Progress {
-                        saved: s,
-                        since: Instant::now(),
-                        holding: None,
-                    }),
-                    step_gauge: gauge!(MIGRATION_STEP, "route" => route.name.to_string()),
-                }
+                Arc::new(RouteMigration::new(route, shadows, config, s))
             })
             .collect();
         let writer = match &config.state_file {
@@ -105,16 +117,55 @@ impl Controller {
             None => None,
         };
         let controller = Self {
-            routes,
+            routes: ArcSwap::from_pointee(routes),
             config: config.clone(),
             audit,
             writer,
         };
-        for r in &controller.routes {
+        for r in controller.routes.load().iter() {
             let p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
             controller.apply(r, &p.saved);
         }
         Ok(controller)
+    }
+
+    /// After a config reload, walks the routes of the new `table` that it covers. A
+    /// route it already walked keeps its progress (the new table's route carries its
+    /// weight and windows); a route new to the config starts at the first step; a route
+    /// the config no longer has is dropped, and the state file follows.
+    pub fn sync(&self, table: &RouteTable, shadows: &HashMap<String, Arc<Shadow>>) {
+        let current = self.routes.load_full();
+        let next: Vec<Arc<RouteMigration>> = table
+            .iter()
+            .filter(|r| self.config.covers(&r.name))
+            .map(|route| match current.iter().find(|m| m.name() == route.name) {
+                Some(m) => {
+                    m.route.store(route.clone());
+                    m.clone()
+                }
+                None => {
+                    tracing::info!(route = %route.name, "migration controller walks a route the reload added");
+                    let m = Arc::new(RouteMigration::new(
+                        route,
+                        shadows,
+                        &self.config,
+                        Saved::first_step(),
+                    ));
+                    let p = m.progress.lock().unwrap_or_else(|e| e.into_inner());
+                    self.apply(&m, &p.saved);
+                    drop(p);
+                    m
+                }
+            })
+            .collect();
+        for gone in current
+            .iter()
+            .filter(|m| !next.iter().any(|n| Arc::ptr_eq(n, m)))
+        {
+            tracing::info!(route = %gone.name(), "migration controller lets go of a route the reload removed");
+        }
+        self.routes.store(Arc::new(next));
+        self.persist();
     }
 
     /// Runs the controller until `stop` resolves.
@@ -135,8 +186,12 @@ impl Controller {
         })
     }
 
-    fn route(&self, name: &str) -> Option<&RouteMigration> {
-        self.routes.iter().find(|r| &*r.route.name == name)
+    fn route(&self, name: &str) -> Option<Arc<RouteMigration>> {
+        self.routes
+            .load()
+            .iter()
+            .find(|r| &*r.name() == name)
+            .cloned()
     }
 
     /// Whether the controller walks this route.
@@ -150,7 +205,7 @@ impl Controller {
             State::RolledBack => 0,
             _ => self.config.steps[s.step],
         };
-        r.route.set_green_weight(weight);
+        r.route.load().set_green_weight(weight);
         r.shadow
             .set_active(s.state == State::Running && weight == 0);
         r.step_gauge.set(s.step as f64);
@@ -158,7 +213,7 @@ impl Controller {
 
     fn tick(&self) {
         let mut changed = false;
-        for r in &self.routes {
+        for r in self.routes.load().iter() {
             changed |= self.judge(r);
         }
         if changed {
@@ -220,7 +275,7 @@ impl Controller {
         self.begin(p);
         self.apply(r, &p.saved);
         let weight = self.config.steps[p.saved.step];
-        tracing::info!(route = %r.route.name, step = p.saved.step, weight, why, "migration step");
+        tracing::info!(route = %r.name(), step = p.saved.step, weight, why, "migration step");
         self.audit(
             r,
             "step",
@@ -235,7 +290,7 @@ impl Controller {
         reason: &str,
         figures: serde_json::Value,
     ) {
-        let weight = r.route.splitter.green_weight();
+        let weight = r.route.load().splitter.green_weight();
         let rollback = Rollback {
             at_ms: now_ms(),
             reason: reason.to_string(),
@@ -247,9 +302,9 @@ impl Controller {
         p.saved.last_rollback = Some(rollback.clone());
         self.begin(p);
         self.apply(r, &p.saved);
-        counter!(MIGRATION_ROLLBACKS_TOTAL, "route" => r.route.name.to_string(), "reason" => reason.to_string())
+        counter!(MIGRATION_ROLLBACKS_TOTAL, "route" => r.name().to_string(), "reason" => reason.to_string())
             .increment(1);
-        tracing::warn!(route = %r.route.name, reason, step = rollback.step, weight, "migration rolled back");
+        tracing::warn!(route = %r.name(), reason, step = rollback.step, weight, "migration rolled back");
         self.audit(
             r,
             "rollback",
@@ -269,6 +324,7 @@ impl Controller {
         let r = self
             .route(name)
             .ok_or_else(|| ActionError::UnknownRoute(name.to_string()))?;
+        let r = &*r;
         {
             let mut p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
             let state = p.saved.state;
@@ -323,6 +379,7 @@ impl Controller {
     /// operator, or None when the controller does not walk this route.
     pub fn weight_set_by_operator(&self, name: &str, weight: u8) -> Option<String> {
         let r = self.route(name)?;
+        let r = &*r;
         let mut p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
         let note = format!("weight set to {weight} by an operator; the controller is paused (POST /migration/{name}/resume hands it back)");
         if matches!(p.saved.state, State::Running | State::Complete) {
@@ -340,8 +397,9 @@ impl Controller {
     pub fn status(&self) -> serde_json::Value {
         let routes: serde_json::Map<String, serde_json::Value> = self
             .routes
+            .load()
             .iter()
-            .map(|r| (r.route.name.to_string(), self.describe(r)))
+            .map(|r| (r.name().to_string(), self.describe(r)))
             .collect();
         json!({
             "steps": self.config.steps,
@@ -360,7 +418,7 @@ impl Controller {
         json!({
             "state": p.saved.state,
             "step": p.saved.step,
-            "weight": r.route.splitter.green_weight(),
+            "weight": r.route.load().splitter.green_weight(),
             "shadow": r.shadow.is_active(),
             "time_in_step_s": (p.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             "holding": p.holding,
@@ -378,10 +436,10 @@ impl Controller {
             seq: 0,
             request_id: format!("migration-{}", uuid::Uuid::new_v4()),
             time_ms: now_ms(),
-            route: r.route.name.to_string(),
+            route: r.name().to_string(),
             version: None,
             method: "MIGRATION".into(),
-            path: format!("/migration/{}/{action}", r.route.name),
+            path: format!("/migration/{}/{action}", r.name()),
             status: 0,
             hash_request: None,
             hash_response: None,
@@ -392,7 +450,7 @@ impl Controller {
             latency_ms: 0.0,
             event: Some(json!({
                 "action": action,
-                "weight": r.route.splitter.green_weight(),
+                "weight": r.route.load().splitter.green_weight(),
                 "detail": detail,
             })),
         };
@@ -406,10 +464,11 @@ impl Controller {
         };
         let routes = self
             .routes
+            .load()
             .iter()
             .map(|r| {
                 let p = r.progress.lock().unwrap_or_else(|e| e.into_inner());
-                (r.route.name.to_string(), p.saved.clone())
+                (r.name().to_string(), p.saved.clone())
             })
             .collect();
         writer.save(StateFile { routes });

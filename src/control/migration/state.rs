@@ -25,6 +25,19 @@ pub(super) struct Saved {
     pub(super) note: Option<String>,
 }
 
+impl Saved {
+    /// Where a route with no saved progress starts: the first step, running.
+    pub(super) fn first_step() -> Self {
+        Self {
+            step: 0,
+            state: State::Running,
+            since_ms: acge_filters::audit::log::now_ms(),
+            last_rollback: None,
+            note: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct StateFile {
     pub(super) routes: std::collections::BTreeMap<String, Saved>,
