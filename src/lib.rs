@@ -15,7 +15,9 @@ pub mod proxy;
 pub mod telemetry;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use acge_filters::audit::AuditLog;
 use acge_filters::registry::BuildError;
@@ -29,7 +31,7 @@ use crate::config::ValidConfig;
 use crate::control::admin::{Admin, Readiness, TokenSource};
 use crate::control::migration::{Controller, MigrationError};
 use crate::proxy::route::RouteTable;
-use crate::proxy::server::{self, ServerOptions};
+use crate::proxy::server::{self, Drain, Phase, ServerOptions};
 use crate::proxy::Proxy;
 
 /// Why the proxy could not start.
@@ -49,6 +51,12 @@ pub enum StartError {
     MissingFilter(String),
     #[error(transparent)]
     Migration(#[from] MigrationError),
+    #[error("{role}: the config says {configured} but the sockets taken over listen on {inherited}; a takeover keeps the addresses (restart without --takeover to move them)")]
+    TakeoverAddress {
+        role: &'static str,
+        configured: SocketAddr,
+        inherited: SocketAddr,
+    },
 }
 
 impl From<AssembleError> for StartError {
@@ -61,7 +69,6 @@ impl From<AssembleError> for StartError {
 }
 
 /// How to start, beyond the config file.
-#[derive(Clone)]
 pub struct StartOptions {
     pub admin_token: TokenSource,
     /// Filters of your own, by the name routes list them under (for a program that
@@ -71,6 +78,9 @@ pub struct StartOptions {
     /// Routes of your own on the admin API (the demo's fault knobs), behind the same
     /// token layer.
     pub admin_routes: Vec<axum::Router>,
+    /// Listening sockets taken over from a running process (proxy, admin), served
+    /// instead of binding new ones (`run --takeover`, `proxy/server/handover.rs`).
+    pub inherited: Option<(std::net::TcpListener, std::net::TcpListener)>,
 }
 
 impl StartOptions {
@@ -79,6 +89,7 @@ impl StartOptions {
             admin_token,
             filters: Vec::new(),
             admin_routes: Vec::new(),
+            inherited: None,
         }
     }
 }
@@ -96,6 +107,10 @@ pub struct Running {
     readiness: Arc<Readiness>,
     /// The listener's certificates, when it serves TLS.
     certificates: Option<Arc<server::Certificates>>,
+    /// Both listeners follow it (`Connection: close` while draining; a takeover).
+    drain: Arc<Drain>,
+    /// The listening sockets (proxy, admin), kept to offer to a successor.
+    sockets: [OwnedFd; 2],
     /// `listener.drain_delay_ms`.
     drain_delay: std::time::Duration,
     shutdown: watch::Sender<bool>,
@@ -123,13 +138,21 @@ impl Running {
         }
     }
 
-    /// Turns `/ready` to 503 `draining` and goes on serving for the drain delay; then
-    /// stops accepting, drains in-flight requests (up to the drain timeout), lets the
-    /// log phases of every exchange finish (one the drain cut short is logged as
-    /// aborted), writes the migration state, then writes what the audit log still
-    /// holds and signs its last checkpoint.
+    /// Copies of the listening sockets (proxy, admin), to offer to a successor
+    /// ([`server::handover::offer`]).
+    pub fn sockets(&self) -> std::io::Result<[OwnedFd; 2]> {
+        Ok([self.sockets[0].try_clone()?, self.sockets[1].try_clone()?])
+    }
+
+    /// Turns `/ready` to 503 `draining` and goes on serving for the drain delay, with
+    /// `Connection: close` on HTTP/1 answers; then stops accepting, sends HTTP/2
+    /// GOAWAY, drains in-flight requests (up to the drain timeout), lets the log
+    /// phases of every exchange finish (one the drain cut short is logged as aborted),
+    /// writes the migration state, then writes what the audit log still holds and
+    /// signs its last checkpoint.
     pub async fn shutdown(self) {
         self.readiness.set_draining();
+        self.drain.set(Phase::Closing);
         if !self.drain_delay.is_zero() {
             tracing::info!(
                 delay_ms = self.drain_delay.as_millis() as u64,
@@ -137,6 +160,26 @@ impl Running {
             );
             tokio::time::sleep(self.drain_delay).await;
         }
+        self.stop().await;
+    }
+
+    /// A successor serves the sockets now: stop accepting at once (the sockets stay
+    /// open in the successor, so nothing queued is lost), answer what is open with
+    /// `Connection: close` for [`TAKEOVER_CLOSE_AFTER`] (or the drain delay, when
+    /// longer), then stop as [`Running::shutdown`] does.
+    pub async fn hand_over(self) {
+        self.readiness.set_draining();
+        self.drain.set(Phase::Handed);
+        let delay = self.drain_delay.max(TAKEOVER_CLOSE_AFTER);
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "taken over: no longer accepting; finishing what is open"
+        );
+        tokio::time::sleep(delay).await;
+        self.stop().await;
+    }
+
+    async fn stop(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -160,10 +203,16 @@ impl Running {
     }
 }
 
+/// After a takeover, how long the old process goes on answering its open connections
+/// with `Connection: close` before it closes what is idle: long enough for every busy
+/// HTTP/1 client to get one answer that tells it to move.
+pub const TAKEOVER_CLOSE_AFTER: Duration = Duration::from_secs(1);
+
 /// Binds the listeners and starts serving. Port 0 in the config binds any free port;
 /// [`Running`] says which.
-pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running, StartError> {
+pub async fn start(config: ValidConfig, mut options: StartOptions) -> Result<Running, StartError> {
     let prometheus = telemetry::install();
+    let inherited = options.inherited.take();
     let bind = |role, address| {
         server::bind(address, config.listener.backlog).map_err(|source| StartError::Bind {
             role,
@@ -171,8 +220,46 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
             source,
         })
     };
-    let proxy_listener = bind("listener", config.listener_addr())?;
-    let admin_listener = bind("admin", config.admin_addr())?;
+    let adopt = |role, address: SocketAddr, socket: std::net::TcpListener| {
+        let failed = |source| StartError::Bind {
+            role,
+            address,
+            source,
+        };
+        let at = socket.local_addr().map_err(failed)?;
+        if address.port() != 0 && at != address {
+            return Err(StartError::TakeoverAddress {
+                role,
+                configured: address,
+                inherited: at,
+            });
+        }
+        socket.set_nonblocking(true).map_err(failed)?;
+        tokio::net::TcpListener::from_std(socket).map_err(failed)
+    };
+    let (proxy_listener, admin_listener) = match inherited {
+        Some((proxy, admin)) => (
+            adopt("listener", config.listener_addr(), proxy)?,
+            adopt("admin", config.admin_addr(), admin)?,
+        ),
+        None => (
+            bind("listener", config.listener_addr())?,
+            bind("admin", config.admin_addr())?,
+        ),
+    };
+    let dup = |l: &tokio::net::TcpListener, role, address| {
+        l.as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| StartError::Bind {
+                role,
+                address,
+                source,
+            })
+    };
+    let sockets = [
+        dup(&proxy_listener, "listener", config.listener_addr())?,
+        dup(&admin_listener, "admin", config.admin_addr())?,
+    ];
     let proxy_addr = proxy_listener
         .local_addr()
         .expect("a bound socket has an address");
@@ -224,6 +311,7 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     })
     .router(options.admin_routes.clone());
 
+    let drain = Arc::new(Drain::default());
     let (shutdown, signal) = watch::channel(false);
     let stopped = move || {
         let mut signal = signal.clone();
@@ -235,7 +323,10 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     let serving = proxy.clone();
     tasks.push(tokio::spawn(server::serve(
         proxy_listener,
-        ServerOptions::of_listener(&config.listener, tls),
+        ServerOptions {
+            drain: Some(drain.clone()),
+            ..ServerOptions::of_listener(&config.listener, tls)
+        },
         move |req, peer, in_flight| {
             let proxy = serving.clone();
             async move { proxy.handle(req, peer, in_flight).await }
@@ -244,7 +335,10 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
     )));
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
-        ServerOptions::default(),
+        ServerOptions {
+            drain: Some(drain.clone()),
+            ..ServerOptions::default()
+        },
         move |req, _peer, _in_flight| control::admin::serve(admin.clone(), req),
         stopped(),
     )));
@@ -290,6 +384,8 @@ pub async fn start(config: ValidConfig, options: StartOptions) -> Result<Running
         reloader,
         readiness,
         certificates: certificates.map(|(certs, _)| certs),
+        drain,
+        sockets,
         drain_delay: std::time::Duration::from_millis(drain_delay_ms),
         shutdown,
         tasks,

@@ -39,6 +39,11 @@ enum Command {
         /// Runtime worker threads (overrides listener.workers; default one per CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// Restart without a gap: take the listening sockets over from the proxy
+        /// offering them at this Unix socket (it then drains and exits), and offer them
+        /// there to the next one. With nobody offering, bind afresh. docs/operations.md.
+        #[arg(long, value_name = "SOCKET")]
+        takeover: Option<PathBuf>,
     },
     /// Check a config file and every file it names (models, keys, certificates):
     /// print every error and exit 1, or print OK.
@@ -86,7 +91,11 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check { config } => cli::check::check(&config),
-        Command::Run { config, workers } => {
+        Command::Run {
+            config,
+            workers,
+            takeover,
+        } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
@@ -95,7 +104,7 @@ fn main() -> ExitCode {
                 }
             };
             let workers = workers.or(config.listener.workers);
-            cli::report(cli::block_on(workers, cli::run::run(config)))
+            cli::report(cli::block_on(workers, cli::run::run(config, takeover)))
         }
         Command::Demo {
             workers,

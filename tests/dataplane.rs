@@ -443,3 +443,124 @@ routes:
         "no longer accepting after the drain"
     );
 }
+
+/// Draining, HTTP/1: from the start of the drain delay every answer carries
+/// `Connection: close` and the proxy closes the connection after it, so a keep-alive
+/// client moves to a new connection between requests, never under one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_answers_http1_with_connection_close_and_closes_after_the_answer() {
+    let up = acge_proxy::demo::spawn_backend(
+        "close",
+        acge_proxy::proxy::split::Version::Blue,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0, drain_delay_ms: 1000}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{}\"]}}
+routes:
+  - {{name: close, match: {{path_prefix: /svc}}, blue: up, green: up}}
+",
+        up.addr
+    );
+    let p = start(&yaml, TokenSource::None).await;
+    let proxy = p.proxy_addr;
+    let request = b"GET /svc HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(request).await.unwrap();
+    let head = common::read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "before the drain the connection stays open: {head}"
+    );
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).await.unwrap();
+
+    let stopping = tokio::spawn(p.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The same keep-alive connection: answered, told to close, then closed.
+    conn.write_all(request).await.unwrap();
+    let head = common::read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "inside the drain delay the answer says close: {head}"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_millis(500), conn.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(n)) if n == len),
+        "the proxy closed the connection after the answer (while still in the delay): {read:?}"
+    );
+    stopping.await.unwrap();
+}
+
+/// Draining, HTTP/2: at the stop the client gets GOAWAY, and the stream in flight
+/// still gets its whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_sends_http2_goaway_and_finishes_the_stream_in_flight() {
+    let slow = common::scripted_upstream(|mut s| async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = common::read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+            .await;
+    })
+    .await;
+    let p = start(
+        &common::config_with("goaway", slow, "", "", ""),
+        TokenSource::None,
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/svc", p.proxy_addr))
+        .body(())
+        .unwrap();
+    let (res, _) = client.send_request(req, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(p.shutdown());
+    let res = tokio::time::timeout(Duration::from_secs(5), res)
+        .await
+        .expect("answered within the drain")
+        .expect("the stream in flight is not refused");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"slow");
+    // GOAWAY: the connection ends without error, and takes no new stream.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the server closed the HTTP/2 connection");
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "a graceful GOAWAY, not an error: {ended:?}"
+    );
+    let again = http::Request::get(format!("http://{}/svc", "x"))
+        .body(())
+        .unwrap();
+    assert!(
+        client.send_request(again, true).is_err(),
+        "no new stream after GOAWAY"
+    );
+    stopping.await.unwrap();
+}

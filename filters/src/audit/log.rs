@@ -126,7 +126,13 @@ pub struct OpenReport {
     pub segments: usize,
     /// A torn final record that was cut off, described.
     pub cut: Option<String>,
+    /// Another process holds the log; it opens when that one closes it (the figures
+    /// above are then not known yet).
+    pub waiting: bool,
 }
+
+/// The file whose exclusive lock the writer holds.
+pub const LOCK_FILE: &str = "LOCK";
 
 enum Msg {
     Append {
@@ -157,98 +163,70 @@ pub fn now_ms() -> u64 {
 
 impl AuditLog {
     /// Opens (or creates) the log in `config.dir` and starts its writer thread.
+    ///
+    /// The log has one writer: the writer holds an exclusive lock on `dir/LOCK` while
+    /// it runs. When another process holds it (the old process of a takeover, still
+    /// draining), the log opens *waiting*: appends queue (and, past `queue`, wait) until
+    /// the other writer closes the log, and then this one reads the log's end and goes
+    /// on from it, so the chain stays one chain. The report says `waiting`.
     pub fn open(config: &AuditConfig) -> Result<(Arc<AuditLog>, OpenReport), AuditError> {
         let dir = config.dir.clone();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let key = load_or_create_key(&key_path(config))?;
-        let origin = config
-            .origin
-            .clone()
-            .unwrap_or_else(|| note::default_origin(&key.verifying_key()));
-        let pub_path = dir.join(PUBLIC_KEY_FILE);
-        std::fs::write(
-            &pub_path,
-            format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
-        )
-        .map_err(io(&pub_path))?;
-        let vkey_path = dir.join(VERIFIER_KEY_FILE);
-        std::fs::write(
-            &vkey_path,
-            format!("{}\n", note::verifier_key(&origin, &key.verifying_key())),
-        )
-        .map_err(io(&vkey_path))?;
-
-        let scanned = scan(&dir)?;
-        let (frontier, last_segment, cut, segment_count) = (
-            scanned.frontier,
-            scanned.last_segment,
-            scanned.cut,
-            scanned.segments,
-        );
-        let legacy = trim_checkpoints(&dir)?;
-        let checkpointed = scanned
-            .last_inline
-            .as_ref()
-            .map(|(size, _)| *size)
-            .into_iter()
-            .chain(legacy.as_ref().map(|c| c.tree_size))
-            .max()
-            .unwrap_or(0);
-        if checkpointed > frontier.size() {
-            return Err(AuditError::Damaged {
-                path: dir.display().to_string(),
-                reason: format!(
-                    "the last checkpoint covers {checkpointed} records but only {} are on disk",
-                    frontier.size()
-                ),
-            });
-        }
-        let report = OpenReport {
-            records: frontier.size(),
-            segments: segment_count,
-            cut,
-        };
-        let (number, path) = match last_segment {
-            Some(last) => last,
-            None => (1, dir.join(segment_name(1))),
-        };
-        let file = OpenOptions::new()
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
             .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        let size = file.metadata().map_err(io(&path))?.len();
-        sync_dir(&dir);
-
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let failing = Arc::new(AtomicBool::new(false));
-        let latest = Arc::new(std::sync::Mutex::new(
-            scanned.last_inline.map(|(_, note)| note),
-        ));
-        let mut writer = Writer {
-            failing: failing.clone(),
-            latest: latest.clone(),
-            origin,
-            dir: dir.clone(),
-            config: config.clone(),
-            segment: file,
-            segment_number: number,
-            segment_size: size,
-            frontier,
-            checkpointed,
-            last_checkpoint_at: Instant::now(),
-            key,
-            capacity: config.queue.max(1),
+        let latest = Arc::new(std::sync::Mutex::new(None));
+        let report = match lock.try_lock() {
+            Ok(()) => {
+                let (writer, report) =
+                    Writer::prepare(config, lock, failing.clone(), latest.clone())?;
+                std::thread::Builder::new()
+                    .name("acge-audit".into())
+                    .spawn(move || writer.run(rx))
+                    .map_err(io(&dir))?;
+                report
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::warn!(dir = %dir.display(), "another process writes this audit log; records wait until it closes it (a takeover's old process)");
+                let (config, failing, latest) = (config.clone(), failing.clone(), latest.clone());
+                std::thread::Builder::new()
+                    .name("acge-audit".into())
+                    .spawn(move || {
+                        if let Err(e) = lock.lock() {
+                            tracing::error!(error = %e, "cannot lock the audit log");
+                            failing.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        match Writer::prepare(&config, lock, failing.clone(), latest) {
+                            Ok((writer, report)) => {
+                                tracing::info!(
+                                    records = report.records,
+                                    "audit log open: the other writer let go"
+                                );
+                                writer.run(rx)
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "audit log cannot be opened");
+                                failing.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                    .map_err(io(&dir))?;
+                OpenReport {
+                    records: 0,
+                    segments: 0,
+                    cut: None,
+                    waiting: true,
+                }
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
         };
-        // Records a crash (or the old format) left unsigned are signed before new ones
-        // follow, so the unsigned tail never grows past its bound.
-        if writer.frontier.size() > writer.checkpointed {
-            writer.checkpoint().map_err(io(&dir))?;
-        }
-        std::thread::Builder::new()
-            .name("acge-audit".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io(&dir))?;
         Ok((
             Arc::new(AuditLog {
                 tx,
@@ -523,6 +501,8 @@ fn sync_dir(dir: &Path) {
 }
 
 struct Writer {
+    /// Held while the writer runs: one writer per log directory.
+    _lock: File,
     failing: Arc<AtomicBool>,
     latest: Arc<std::sync::Mutex<Option<String>>>,
     origin: String,
@@ -542,6 +522,100 @@ struct Writer {
 const MAX_BATCH: usize = 4096;
 
 impl Writer {
+    /// Reads the log's end and makes the writer that goes on from it; `lock` is held.
+    fn prepare(
+        config: &AuditConfig,
+        lock: File,
+        failing: Arc<AtomicBool>,
+        latest: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> Result<(Self, OpenReport), AuditError> {
+        let dir = config.dir.clone();
+        let key = load_or_create_key(&key_path(config))?;
+        let origin = config
+            .origin
+            .clone()
+            .unwrap_or_else(|| note::default_origin(&key.verifying_key()));
+        let pub_path = dir.join(PUBLIC_KEY_FILE);
+        std::fs::write(
+            &pub_path,
+            format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
+        )
+        .map_err(io(&pub_path))?;
+        let vkey_path = dir.join(VERIFIER_KEY_FILE);
+        std::fs::write(
+            &vkey_path,
+            format!("{}\n", note::verifier_key(&origin, &key.verifying_key())),
+        )
+        .map_err(io(&vkey_path))?;
+
+        let scanned = scan(&dir)?;
+        let (frontier, last_segment, cut, segment_count) = (
+            scanned.frontier,
+            scanned.last_segment,
+            scanned.cut,
+            scanned.segments,
+        );
+        let legacy = trim_checkpoints(&dir)?;
+        let checkpointed = scanned
+            .last_inline
+            .as_ref()
+            .map(|(size, _)| *size)
+            .into_iter()
+            .chain(legacy.as_ref().map(|c| c.tree_size))
+            .max()
+            .unwrap_or(0);
+        if checkpointed > frontier.size() {
+            return Err(AuditError::Damaged {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "the last checkpoint covers {checkpointed} records but only {} are on disk",
+                    frontier.size()
+                ),
+            });
+        }
+        let report = OpenReport {
+            records: frontier.size(),
+            segments: segment_count,
+            cut,
+            waiting: false,
+        };
+        let (number, path) = match last_segment {
+            Some(last) => last,
+            None => (1, dir.join(segment_name(1))),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let size = file.metadata().map_err(io(&path))?.len();
+        sync_dir(&dir);
+        *latest.lock().unwrap_or_else(|e| e.into_inner()) =
+            scanned.last_inline.map(|(_, note)| note);
+        let mut writer = Writer {
+            _lock: lock,
+            failing,
+            latest,
+            origin,
+            dir: dir.clone(),
+            config: config.clone(),
+            segment: file,
+            segment_number: number,
+            segment_size: size,
+            frontier,
+            checkpointed,
+            last_checkpoint_at: Instant::now(),
+            key,
+            capacity: config.queue.max(1),
+        };
+        // Records a crash (or the old format) left unsigned are signed before new ones
+        // follow, so the unsigned tail never grows past its bound.
+        if writer.frontier.size() > writer.checkpointed {
+            writer.checkpoint().map_err(io(&dir))?;
+        }
+        Ok((writer, report))
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_time()

@@ -21,12 +21,16 @@
 //! - an idle connection (nothing in flight) closes after `idle_timeout`;
 //! - HTTP/2: concurrent streams and resets per connection.
 //!
-//! Each refusal counts in `acge_refused_total{reason}`. On shutdown the loop stops
-//! accepting, asks every connection to finish its in-flight requests, waits up to the
-//! drain timeout, then closes what is left. This module knows nothing of routes or
-//! upstreams.
+//! Each refusal counts in `acge_refused_total{reason}`. A drain ([`drain`]) first
+//! answers HTTP/1 requests with `Connection: close` (and, on a takeover, stops
+//! accepting: the new process has the socket). On shutdown the loop stops accepting,
+//! asks every connection to finish its in-flight requests (HTTP/2 gets GOAWAY), waits
+//! up to the drain timeout, then closes what is left. This module knows nothing of
+//! routes or upstreams.
 
 mod conns;
+pub mod drain;
+pub mod handover;
 mod tls;
 
 use std::convert::Infallible;
@@ -43,6 +47,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 pub use conns::{Conns, InFlight};
+pub use drain::{Drain, Phase};
 pub use tls::{acceptor as tls_acceptor, Certificates, TlsError};
 
 use crate::config::ListenerConfig;
@@ -68,6 +73,8 @@ pub struct ServerOptions {
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
     pub h2_max_local_resets: usize,
+    /// The drain this listener follows before its shutdown (the proxy's listeners).
+    pub drain: Option<std::sync::Arc<Drain>>,
 }
 
 impl Default for ServerOptions {
@@ -86,6 +93,7 @@ impl Default for ServerOptions {
             h2_max_concurrent_streams: 256,
             h2_max_pending_resets: 20,
             h2_max_local_resets: 1024,
+            drain: None,
         }
     }
 }
@@ -107,6 +115,7 @@ impl ServerOptions {
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
             h2_max_pending_resets: config.h2_max_pending_resets,
             h2_max_local_resets: config.h2_max_local_resets,
+            drain: None,
         }
     }
 }
@@ -181,6 +190,8 @@ pub async fn serve<H, F, B>(
     // taken off the queue and closed rather than left to spin the loop.
     let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut shutdown = std::pin::pin!(shutdown);
+    let drain = options.drain.clone().unwrap_or_default();
+    let mut shut_down = false;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -204,7 +215,11 @@ pub async fn serve<H, F, B>(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown => {
+                shut_down = true;
+                break;
+            }
+            () = drain.reached(Phase::Handed) => break,
         };
         if !conns.has_room() && !conns.shed_oldest_idle() {
             refused(Refusal::Connections);
@@ -218,16 +233,26 @@ pub async fn serve<H, F, B>(
         let registered = conns.register();
         let conn = registered.conn().clone();
         let service = {
-            let (handler, conns) = (handler.clone(), conns.clone());
-            hyper::service::service_fn(move |req| {
+            let (handler, conns, drain) = (handler.clone(), conns.clone(), drain.clone());
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (handler, conns, conn) = (handler.clone(), conns.clone(), conn.clone());
+                let drain = drain.clone();
                 async move {
+                    let h1 = req.version() < http::Version::HTTP_2;
                     let Some(guard) = conns.admit_waiting(&conn).await else {
                         refused(Refusal::Requests);
                         let refusal = crate::proxy::error::too_many_in_flight();
                         return Ok::<_, Infallible>(crate::proxy::local(refusal).map(B::from));
                     };
-                    Ok(handler(req, peer, guard).await)
+                    let mut res = handler(req, peer, guard).await;
+                    if h1 && drain.closing() {
+                        // hyper closes the connection once this answer is written.
+                        res.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok(res)
                 }
             })
         };
@@ -272,6 +297,10 @@ pub async fn serve<H, F, B>(
         });
     }
     drop(listener);
+    if !shut_down {
+        // Handed over: what this process has open is served until its shutdown.
+        shutdown.await;
+    }
     conns.close_all();
     if tokio::time::timeout(options.drain_timeout, conns.closed())
         .await
