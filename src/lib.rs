@@ -51,6 +51,8 @@ pub enum StartError {
     MissingFilter(String),
     #[error(transparent)]
     Migration(#[from] MigrationError),
+    #[error("clusters.{name}.tls: {reason}")]
+    ClusterTls { name: String, reason: String },
     #[error("{role}: the config says {configured} but the sockets taken over listen on {inherited}; a takeover keeps the addresses (restart without --takeover to move them)")]
     TakeoverAddress {
         role: &'static str,
@@ -64,6 +66,7 @@ impl From<AssembleError> for StartError {
         match e {
             AssembleError::Filters(e) => Self::Filters(e),
             AssembleError::MissingFilter(name) => Self::MissingFilter(name),
+            AssembleError::Cluster { name, reason } => Self::ClusterTls { name, reason },
         }
     }
 }

@@ -49,6 +49,15 @@ fn files(config: &ValidConfig) -> Vec<ConfigError> {
             errors.push(("listener.tls".into(), e.to_string()));
         }
     }
+    for (name, cluster) in &config.clusters {
+        if let Some(tls) = &cluster.tls {
+            if let Err(e) =
+                acge_proxy::proxy::upstream::tls::UpstreamTls::load(name, tls, cluster.protocol)
+            {
+                errors.push((format!("clusters.{name}.tls"), e.to_string()));
+            }
+        }
+    }
     errors
         .into_iter()
         .map(|(path, message)| ConfigError {

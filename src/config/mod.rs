@@ -171,6 +171,14 @@ impl Config {
         if let Some(token) = &mut self.admin.token_file {
             resolve(token);
         }
+        for cluster in self.clusters.values_mut() {
+            if let Some(tls) = &mut cluster.tls {
+                resolve(&mut tls.ca);
+                for file in [&mut tls.cert, &mut tls.key].into_iter().flatten() {
+                    resolve(file);
+                }
+            }
+        }
 
         if let Some(state) = self.migration.as_mut().and_then(|m| m.state_file.as_mut()) {
             resolve(state);

@@ -83,6 +83,8 @@ pub enum AssembleError {
     Filters(#[from] BuildError),
     #[error("routes: the filter `{0}` is named as a custom filter but StartOptions has none by that name")]
     MissingFilter(String),
+    #[error("clusters.{name}.tls: {reason}")]
+    Cluster { name: String, reason: String },
 }
 
 /// Builds the clusters, filters and route table of `config`. On a reload `previous`
@@ -108,10 +110,16 @@ pub fn assemble(
                 let old = g.config.clusters.get(name)?;
                 (same(old, c)).then(|| g.clusters.get(name).cloned())?
             });
-            let cluster = kept.unwrap_or_else(|| Arc::new(Cluster::new(name, c)));
-            (name.clone(), cluster)
+            let cluster = match kept {
+                Some(cluster) => cluster,
+                None => Arc::new(Cluster::new(name, c).map_err(|e| AssembleError::Cluster {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?),
+            };
+            Ok((name.clone(), cluster))
         })
-        .collect();
+        .collect::<Result<_, AssembleError>>()?;
     let registry = Arc::new(Registry::rebuild(
         &config.filters,
         &config.constitution.hash,
@@ -503,14 +511,21 @@ fn fixed_sections(running: &Generation, new: &ValidConfig) -> Vec<ConfigError> {
 
 fn assemble_error(config: &ValidConfig, e: AssembleError) -> ConfigError {
     let (path, message) = match &e {
-        AssembleError::Filters(BuildError::Hash) => ("constitution.hash", e.to_string()),
-        AssembleError::Filters(BuildError::Acge(inner)) => ("filters.acge", inner.to_string()),
-        AssembleError::Filters(BuildError::Audit(inner)) => ("filters.audit", inner.to_string()),
-        AssembleError::MissingFilter(_) => ("routes", e.to_string()),
+        AssembleError::Filters(BuildError::Hash) => {
+            ("constitution.hash".to_string(), e.to_string())
+        }
+        AssembleError::Filters(BuildError::Acge(inner)) => {
+            ("filters.acge".to_string(), inner.to_string())
+        }
+        AssembleError::Filters(BuildError::Audit(inner)) => {
+            ("filters.audit".to_string(), inner.to_string())
+        }
+        AssembleError::MissingFilter(_) => ("routes".to_string(), e.to_string()),
+        AssembleError::Cluster { name, reason } => (format!("clusters.{name}.tls"), reason.clone()),
     };
     ConfigError {
-        path: path.to_string(),
-        line: config.line_of(path),
+        line: config.line_of(&path),
+        path,
         message,
     }
 }

@@ -286,7 +286,8 @@ pub enum Protocol {
     /// HTTP/1.1 to the upstream (keep-alive pooled).
     #[default]
     Http1,
-    /// HTTP/2 with prior knowledge (h2c) to the upstream.
+    /// HTTP/2 to the upstream: with prior knowledge (h2c) in plaintext, agreed by
+    /// ALPN under `tls`.
     Http2,
 }
 
@@ -318,6 +319,34 @@ pub struct ClusterConfig {
     /// Largest response header block accepted from the cluster; 502 beyond it.
     #[serde(default = "defaults::max_response_header_bytes")]
     pub max_response_header_bytes: usize,
+    /// TLS to the endpoints; plaintext when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTlsConfig>,
+}
+
+/// TLS to a cluster's endpoints (rustls): the upstream's certificate is verified
+/// against `ca`; `cert` and `key` make it mutual.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsConfig {
+    /// PEM bundle of the CAs the upstream's certificate must chain to.
+    pub ca: PathBuf,
+    /// The name sent (SNI) and verified; the endpoint's host when absent.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM client certificate chain, for mTLS (with `key`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// ALPN protocols offered; `[h2]` with `protocol: http2`, `[http/1.1]` otherwise.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// How often the files are read again (0: never); new connections use a changed
+    /// set, open ones keep theirs.
+    #[serde(default = "defaults::tls_reload_ms")]
+    pub reload_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -219,6 +219,46 @@ impl Config {
                     ),
                 );
             }
+            if let Some(tls) = &cluster.tls {
+                let at = |field: &str| format!("clusters.{name}.tls.{field}");
+                match (&tls.cert, &tls.key) {
+                    (Some(_), None) => {
+                        err(at("key"), "needed with tls.cert (mTLS takes both)".into())
+                    }
+                    (None, Some(_)) => {
+                        err(at("cert"), "needed with tls.key (mTLS takes both)".into())
+                    }
+                    _ => {}
+                }
+                if let Some(sni) = &tls.sni {
+                    if rustls::pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                        err(
+                            at("sni"),
+                            format!("`{sni}` is not a DNS name or an IP address"),
+                        );
+                    }
+                }
+                if let Some(alpn) = &tls.alpn {
+                    let h2 = alpn.iter().any(|p| p == "h2");
+                    let h1 = alpn.iter().any(|p| p == "http/1.1");
+                    if let Some(bad) = alpn.iter().find(|p| *p != "h2" && *p != "http/1.1") {
+                        err(
+                            at("alpn"),
+                            format!("`{bad}` is not a protocol the proxy speaks (h2, http/1.1)"),
+                        );
+                    } else if cluster.protocol == super::Protocol::Http2 && !h2 {
+                        err(
+                            at("alpn"),
+                            "protocol is http2, so ALPN must offer h2".into(),
+                        );
+                    } else if cluster.protocol == super::Protocol::Http1 && !h1 {
+                        err(
+                            at("alpn"),
+                            "protocol is http1, so ALPN must offer http/1.1".into(),
+                        );
+                    }
+                }
+            }
         }
 
         if self.routes.is_empty() {

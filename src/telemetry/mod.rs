@@ -30,6 +30,8 @@ pub const SHADOW_MISMATCH_TOTAL: &str = "acge_shadow_mismatch_total";
 pub const REFUSED_TOTAL: &str = "acge_refused_total";
 /// Listener certificate reloads: `{result="loaded|refused"}`.
 pub const TLS_RELOADS_TOTAL: &str = "acge_tls_reloads_total";
+/// Upstream (cluster) TLS file reloads: `{cluster, result="loaded|refused"}`.
+pub const UPSTREAM_TLS_RELOADS_TOTAL: &str = "acge_upstream_tls_reloads_total";
 /// Config reloads: `{result="loaded|unchanged|refused|no_file", trigger="admin|signal|watch"}`.
 pub const CONFIG_RELOADS_TOTAL: &str = "acge_config_reloads_total";
 /// The generation of the config serving: 1 at start, one more per loaded reload.

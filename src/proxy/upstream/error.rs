@@ -31,6 +31,12 @@ pub enum UpstreamError {
         endpoint: Authority,
         after: Duration,
     },
+    #[error("cluster {cluster}: TLS with {endpoint} failed: {reason}")]
+    Tls {
+        cluster: String,
+        endpoint: Authority,
+        reason: String,
+    },
     #[error("cluster {cluster}: {endpoint} failed the exchange: {reason}")]
     Protocol {
         cluster: String,
@@ -58,6 +64,7 @@ impl UpstreamError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             UpstreamError::Connect { .. }
+            | UpstreamError::Tls { .. }
             | UpstreamError::Protocol { .. }
             | UpstreamError::HeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
@@ -70,6 +77,7 @@ impl UpstreamError {
         match self {
             UpstreamError::NoEndpoint { .. } => "no_endpoint",
             UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Tls { .. } => "tls",
             UpstreamError::ConnectTimeout { .. } => "connect_timeout",
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::Protocol { .. } => "protocol",

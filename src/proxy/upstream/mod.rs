@@ -13,6 +13,7 @@
 mod error;
 pub mod headers;
 mod pool;
+pub mod tls;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,16 +50,29 @@ pub struct Cluster {
     endpoints: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
     protocol: Protocol,
+    /// `https` when the cluster has TLS (the HTTP/2 `:scheme`).
+    scheme: Scheme,
     timeout: Duration,
     pool: Arc<Pool>,
     failures: FailureLog,
 }
 
 impl Cluster {
-    /// Builds a cluster from a validated config.
-    pub fn new(name: &str, config: &ClusterConfig) -> Self {
+    /// Builds a cluster from a validated config; loads its TLS files, and starts
+    /// reading them again every `tls.reload_ms`.
+    pub fn new(name: &str, config: &ClusterConfig) -> Result<Self, crate::proxy::server::TlsError> {
         let idle = config.max_connections.min(MAX_IDLE_PER_ENDPOINT);
-        Self {
+        let tls = match &config.tls {
+            Some(t) => {
+                let tls = tls::UpstreamTls::load(name, t, config.protocol)?;
+                if t.reload_ms > 0 {
+                    tls::spawn_reload(Arc::downgrade(&tls), Duration::from_millis(t.reload_ms));
+                }
+                Some(tls)
+            }
+            None => None,
+        };
+        Ok(Self {
             name: name.to_string(),
             endpoints: config
                 .endpoints
@@ -68,6 +82,11 @@ impl Cluster {
                 .collect(),
             next: AtomicUsize::new(0),
             protocol: config.protocol,
+            scheme: if tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
             timeout: Duration::from_millis(config.timeout_ms),
             pool: Arc::new(Pool::new(
                 name,
@@ -78,9 +97,10 @@ impl Cluster {
                     max_connections: config.max_connections,
                     max_header_bytes: config.max_response_header_bytes,
                 },
+                tls,
             )),
             failures: FailureLog::default(),
-        }
+        })
     }
 
     fn pick(&self) -> Option<&Arc<Endpoint>> {
@@ -175,7 +195,7 @@ impl Cluster {
     ) -> Request<Body> {
         let mut parts = http::uri::Parts::default();
         if self.protocol == Protocol::Http2 {
-            parts.scheme = Some(Scheme::HTTP);
+            parts.scheme = Some(self.scheme.clone());
             parts.authority = Some(endpoint.authority.clone());
         }
         parts.path_and_query = Some(
@@ -459,7 +479,7 @@ mod tests {
             endpoints.join(", ")
         ))
         .unwrap();
-        Cluster::new("c", &config)
+        Cluster::new("c", &config).unwrap()
     }
 
     fn head() -> RequestHead {

@@ -21,7 +21,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::error::UpstreamError;
+use super::tls::UpstreamTls;
 use crate::proxy::Body;
+
+/// A connection's bytes: plain TCP, or TLS over it.
+pub(super) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// One upstream address and its connections.
 pub(super) struct Endpoint {
@@ -55,6 +60,8 @@ pub(super) struct Limits {
 pub(super) struct Pool {
     pub(super) cluster: String,
     pub(super) limits: Limits,
+    /// TLS to the endpoints, when the cluster has it.
+    tls: Option<Arc<UpstreamTls>>,
     permits: Arc<Semaphore>,
     /// Notified when a connection goes back to an idle queue.
     returned: Notify,
@@ -81,9 +88,10 @@ impl Endpoint {
 }
 
 impl Pool {
-    pub(super) fn new(cluster: &str, limits: Limits) -> Self {
+    pub(super) fn new(cluster: &str, limits: Limits, tls: Option<Arc<UpstreamTls>>) -> Self {
         Self {
             cluster: cluster.to_string(),
+            tls,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             returned: Notify::new(),
@@ -190,7 +198,7 @@ impl Pool {
             return Ok(sender.clone());
         }
         let permit = self.permit().await?;
-        let stream = self.connect_tcp(endpoint).await?;
+        let stream = self.connect(endpoint).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -210,7 +218,7 @@ impl Pool {
         // Boxed: connecting is rare, and its large future would otherwise be carried
         // (and copied) by every request.
         Box::pin(async {
-            let stream = self.connect_tcp(endpoint).await?;
+            let stream = self.connect(endpoint).await?;
             let (sender, conn) = http1::Builder::new()
                 .max_buf_size(self.limits.max_header_bytes.max(8192))
                 .handshake(TokioIo::new(stream))
@@ -223,6 +231,33 @@ impl Pool {
             })
         })
         .await
+    }
+
+    /// A new connection to `endpoint`, with its TLS handshake when the cluster has TLS;
+    /// both within `connect_timeout`.
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Box<dyn Io>, UpstreamError> {
+        let started = tokio::time::Instant::now();
+        let tcp = self.connect_tcp(endpoint).await?;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let left = self
+            .limits
+            .connect_timeout
+            .saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, tls.connect(endpoint.authority.host(), tcp)).await {
+            Ok(Ok(stream)) => Ok(Box::new(stream)),
+            Ok(Err(reason)) => Err(UpstreamError::Tls {
+                cluster: self.cluster.clone(),
+                endpoint: endpoint.authority.clone(),
+                reason,
+            }),
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                cluster: self.cluster.clone(),
+                endpoint: endpoint.authority.clone(),
+                after: self.limits.connect_timeout,
+            }),
+        }
     }
 
     async fn connect_tcp(&self, endpoint: &Endpoint) -> Result<TcpStream, UpstreamError> {
