@@ -168,8 +168,11 @@ impl Running {
 
     /// A successor serves the sockets now: stop accepting at once (the sockets stay
     /// open in the successor, so nothing queued is lost), answer what is open with
-    /// `Connection: close` for [`TAKEOVER_CLOSE_AFTER`] (or the drain delay, when
-    /// longer), then stop as [`Running::shutdown`] does.
+    /// `Connection: close` until every connection has closed or
+    /// [`TAKEOVER_CLOSE_AFTER`] (or the drain delay, when longer) has passed, then stop
+    /// as [`Running::shutdown`] does. A busy client gets its close with its next answer,
+    /// so under load this takes milliseconds, and the audit log (which the successor
+    /// waits for) is let go at once.
     pub async fn hand_over(self) {
         self.readiness.set_draining();
         self.drain.set(Phase::Handed);
@@ -178,7 +181,7 @@ impl Running {
             delay_ms = delay.as_millis() as u64,
             "taken over: no longer accepting; finishing what is open"
         );
-        tokio::time::sleep(delay).await;
+        let _ = tokio::time::timeout(delay, self.drain.none_open()).await;
         self.stop().await;
     }
 

@@ -10,7 +10,8 @@
 //! it has. The stop itself (GOAWAY, closing idle connections, the drain timeout) is
 //! the listener's shutdown future.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 
@@ -28,6 +29,21 @@ pub enum Phase {
 pub struct Drain {
     phase: AtomicU8,
     changed: Notify,
+    /// Client connections open on the listeners that follow this drain.
+    open: AtomicUsize,
+    /// Notified when the last of them closes.
+    none_open: Notify,
+}
+
+/// One open connection, counted while it lives.
+pub struct Counted(Arc<Drain>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_open.notify_waiters();
+        }
+    }
 }
 
 impl Drain {
@@ -48,6 +64,25 @@ impl Drain {
     /// Whether responses on HTTP/1 connections should close them.
     pub fn closing(&self) -> bool {
         self.phase.load(Ordering::Relaxed) >= Phase::Closing as u8
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn count(self: &Arc<Self>) -> Counted {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Counted(self.clone())
+    }
+
+    /// Resolves once no connection is open (at once when none is).
+    pub async fn none_open(&self) {
+        loop {
+            let closed = self.none_open.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Resolves once the drain has reached `phase`.

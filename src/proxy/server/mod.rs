@@ -259,7 +259,9 @@ pub async fn serve<H, F, B>(
         let builder = builder.clone();
         let tls = options.tls.clone();
         let first_byte = options.first_byte_timeout;
+        let counted = drain.count();
         tokio::spawn(async move {
+            let _counted = counted;
             let _registered = registered;
             let conn = _registered.conn().clone();
             match tls {
