@@ -31,7 +31,7 @@ fn chart() -> std::path::PathBuf {
 fn the_alert_rules_parse_and_name_every_alert_of_the_runbook() {
     let (ok, text) = promtool(&["check", "rules", "files/alerts.yaml"], &chart());
     assert!(ok, "{text}");
-    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 10 rules found"), "{text}");
     let rules = std::fs::read_to_string(chart().join("files/alerts.yaml")).unwrap();
     let runbook =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks.md"))

@@ -286,10 +286,14 @@ async fn a_refused_config_keeps_the_running_one_and_names_every_field_and_line()
     assert_eq!(&get(&c, &url(&p, "/svc"), &[]).await.body[..], b"blue");
 
     assert_eq!(reloads(&p, "refused", "admin").await, refused_before + 4.0);
-    assert_eq!(
-        sample(&scrape(&p).await, "acge_config_generation"),
-        Some(1.0)
-    );
+    let m = scrape(&p).await;
+    assert_eq!(sample(&m, "acge_config_generation"), Some(1.0));
+    assert_eq!(sample(&m, "acge_config_last_reload_successful"), Some(0.0));
+    // Fixed, it loads, and the gauge the alert reads says so.
+    replace(&path, &good.replace("green_weight: 0", "green_weight: 1"));
+    assert_eq!(post_reload(&p).await.json()["result"], "loaded");
+    let m = scrape(&p).await;
+    assert_eq!(sample(&m, "acge_config_last_reload_successful"), Some(1.0));
 
     // Without the token, no reload.
     let r = send(&c, Method::POST, &admin(&p, "/reload"), &[], Bytes::new()).await;

@@ -41,7 +41,7 @@ use crate::control::admin::Readiness;
 use crate::control::migration::{Controller, Shadow};
 use crate::proxy::route::{Mirror, Parts, RouteTable};
 use crate::proxy::upstream::Cluster;
-use crate::telemetry::{CONFIG_GENERATION, CONFIG_RELOADS_TOTAL};
+use crate::telemetry::{CONFIG_GENERATION, CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL};
 
 /// What set a reload off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,6 +320,7 @@ impl Reloader {
         custom: Vec<(String, Arc<dyn Filter>)>,
     ) -> Self {
         gauge!(CONFIG_GENERATION).set(first.number as f64);
+        gauge!(CONFIG_LAST_RELOAD_SUCCESSFUL).set(1.0);
         Self {
             current: ArcSwap::from_pointee(first),
             routes,
@@ -341,6 +342,13 @@ impl Reloader {
         let outcome = self.reload_now().await;
         counter!(CONFIG_RELOADS_TOTAL, "result" => outcome.result(), "trigger" => trigger.as_str())
             .increment(1);
+        match outcome {
+            Outcome::Loaded { .. } | Outcome::Unchanged { .. } => {
+                gauge!(CONFIG_LAST_RELOAD_SUCCESSFUL).set(1.0)
+            }
+            Outcome::Refused { .. } => gauge!(CONFIG_LAST_RELOAD_SUCCESSFUL).set(0.0),
+            Outcome::NoFile => {}
+        }
         match &outcome {
             Outcome::Loaded {
                 generation,

@@ -36,6 +36,9 @@ pub const UPSTREAM_TLS_RELOADS_TOTAL: &str = "acge_upstream_tls_reloads_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "acge_config_reloads_total";
 /// The generation of the config serving: 1 at start, one more per loaded reload.
 pub const CONFIG_GENERATION: &str = "acge_config_generation";
+/// 1 when the last reload loaded (or found the file unchanged), 0 when it was refused:
+/// the file then says something the proxy is not serving.
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "acge_config_last_reload_successful";
 pub use acge_filters::metrics::{
     AUDIT_COMMIT_SECONDS, AUDIT_QUEUE_DEPTH, AUDIT_RECORDS_TOTAL, CASCADE_TOTAL, COMPLIANCE_SCORE,
     DECISIONS_TOTAL, HASH_CHECKS_TOTAL, HASH_CONSISTENCY_RATIO, INFERENCE_BATCH_SIZE,
