@@ -34,12 +34,21 @@ fn the_charts_render_validate_and_run_the_sidecar_they_declare() {
     );
     assert!(ok, "{text}");
     assert!(text.contains("all chart checks passed"), "{text}");
-    // Every case ran: six renderings, four refusals, three probes.
+    // Every case ran: six renderings, four refusals, a grace period too short for the
+    // drain refused at render, three probes.
     assert_eq!(
         text.matches("objects valid on Kubernetes").count(),
         6,
         "{text}"
     );
     assert_eq!(text.matches(" refused: ").count(), 4, "{text}");
+    assert!(
+        text.contains("refused at render: below the drain it must cover"),
+        "{text}"
+    );
+    assert!(
+        text.contains("restart annotation: a weight reloads in place"),
+        "{text}"
+    );
     assert_eq!(text.matches("Probe GET").count(), 3, "{text}");
 }

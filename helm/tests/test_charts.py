@@ -149,6 +149,40 @@ def expect_refused(name, values, needle, work):
     fail(f"{name}: {values} was accepted")
 
 
+def check_restart_annotation(work):
+    """The pod annotation changes with the sections a reload cannot change, and only
+    with them: a route's weight reloads in place, a listener setting rolls the pods."""
+    chart = helm.Chart.load(with_library(CHARTS["example"], work))
+
+    def annotation(change):
+        values = {"sidecar": {"config": copy.deepcopy(chart.values["sidecar"]["config"])}}
+        change(values["sidecar"]["config"])
+        docs = [d for _, d in objects(chart.render(values, name="auth", namespace="acgs"))]
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/acge-restart-config"]
+
+    base = annotation(lambda c: None)
+    weight = annotation(lambda c: c["routes"][0].__setitem__("green_weight", 42))
+    listener = annotation(lambda c: c.setdefault("listener", {}).__setitem__("max_connections", 77))
+    if weight != base:
+        fail("a route's weight changed the restart annotation: it would roll the pods")
+    if listener == base:
+        fail("a listener setting left the restart annotation as it was: the pods would not roll")
+    ok("restart annotation: a weight reloads in place, a listener change rolls the pods")
+
+
+def expect_render_refused(name, values, needle, work):
+    chart = helm.Chart.load(with_library(CHARTS[name], work))
+    try:
+        list(objects(chart.render(values, name="auth", namespace="acgs")))
+    except Exception as e:  # the SDK raises what Helm's `fail` said
+        if needle not in str(e):
+            fail(f"{name}: {values} refused at render, but the message does not name {needle!r}: {e}")
+        ok(f"{name}: {json.dumps(values)} refused at render: {needle}")
+        return
+    fail(f"{name}: {values} rendered")
+
+
 class Upstream(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
@@ -246,6 +280,11 @@ def main():
         ]
         for i, (name, values, needle) in enumerate(refused):
             expect_refused(name, values, needle, os.path.join(work, f"bad{i}"))
+        # A grace period shorter than the drain would let the kubelet kill it mid-way.
+        short = {"sidecar": {"terminationGracePeriodSeconds": 12, "preStopSeconds": 5,
+                             "config": {"listener": {"drain_timeout_ms": 10000}}}}
+        expect_render_refused("acge-proxy", short, "below the drain it must cover", os.path.join(work, "grace"))
+        check_restart_annotation(os.path.join(work, "annotation"))
         run_sidecar(binary, os.path.join(work, "run"))
     print("all chart checks passed")
 

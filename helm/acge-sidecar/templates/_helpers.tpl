@@ -26,6 +26,7 @@ the token file from the Secret, and the audit log and migration state on the sta
 volume.
 */}}
 {{- define "acge-sidecar.config" -}}
+{{- include "acge-sidecar.checkGrace" . -}}
 {{- $s := .Values.sidecar -}}
 {{- $c := deepCopy $s.config -}}
 {{- $listener := merge (dict "address" (printf "0.0.0.0:%v" $s.ports.proxy)) (get $c "listener" | default dict) -}}
@@ -44,6 +45,23 @@ volume.
 {{- $_ := set (get $c "migration") "state_file" "/var/lib/acge/migration-state.json" -}}
 {{- end -}}
 {{- toYaml $c -}}
+{{- end -}}
+
+{{/*
+The pod's grace period must cover the whole drain: the preStop sleep (or, before 1.30,
+the proxy's own drain delay of the same length), any drain_delay_ms the config sets,
+and drain_timeout_ms for the exchanges in flight. Shorter, and the kubelet would kill
+the proxy mid-drain, cutting requests; the chart refuses to render.
+*/}}
+{{- define "acge-sidecar.checkGrace" -}}
+{{- $s := .Values.sidecar -}}
+{{- $listener := get $s.config "listener" | default dict -}}
+{{- $timeout := get $listener "drain_timeout_ms" | default 10000 | int -}}
+{{- $delay := get $listener "drain_delay_ms" | default 0 | int -}}
+{{- $need := add $s.preStopSeconds (div (add $timeout $delay 999) 1000) 1 -}}
+{{- if lt (int $s.terminationGracePeriodSeconds) (int $need) -}}
+{{- fail (printf "sidecar.terminationGracePeriodSeconds is %v, below the drain it must cover: preStopSeconds %v + drain_delay_ms %v + drain_timeout_ms %v, plus 1 s = %v s (docs/operations.md)" $s.terminationGracePeriodSeconds $s.preStopSeconds $delay $timeout $need) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "acge-sidecar.containerSpec" -}}
@@ -118,7 +136,14 @@ running (restartPolicy Always), started before the app and stopped after it.
 {{- end }}
 {{- end -}}
 
-{{/* Pod annotations: a config change rolls the pods. */}}
+{{/*
+Pod annotations: a checksum of the sections of the config that a reload cannot change
+(listener, admin, migration, filters.audit; docs/operations.md), so that a change to
+one of them rolls the pods, while a change to routes, clusters or the other filters
+reaches the running proxies through the ConfigMap's in-place update and a reload.
+*/}}
 {{- define "acge-sidecar.podAnnotations" -}}
-checksum/acge-config: {{ include "acge-sidecar.config" . | sha256sum }}
+{{- $c := include "acge-sidecar.config" . | fromYaml -}}
+{{- $fixed := dict "listener" (get $c "listener") "admin" (get $c "admin") "migration" (get $c "migration") "audit" (get (get $c "filters" | default dict) "audit") -}}
+checksum/acge-restart-config: {{ toJson $fixed | sha256sum }}
 {{- end -}}
