@@ -132,13 +132,39 @@ impl Running {
         self.reloader.reload(trigger).await
     }
 
-    /// Reads the listener's certificate and key again now (what `SIGHUP` does besides
-    /// the config); false when there is nothing new or the listener has no TLS.
+    /// Reads the listener's certificate and key, and every cluster's TLS files, again
+    /// now (what `SIGHUP` does besides the config); true when something new loaded.
     pub async fn reload_certificates(&self) -> bool {
-        match &self.certificates {
+        let listener = match &self.certificates {
             Some(certs) => reload_certificates(certs.clone()).await,
             None => false,
-        }
+        };
+        let clusters = self.reloader.current().clusters.clone();
+        let upstream = tokio::task::spawn_blocking(move || {
+            let mut any = false;
+            for (name, cluster) in &clusters {
+                let counted = |result: &'static str| {
+                    metrics::counter!(telemetry::UPSTREAM_TLS_RELOADS_TOTAL, "cluster" => name.clone(), "result" => result)
+                        .increment(1)
+                };
+                match cluster.reload_tls() {
+                    Ok(true) => {
+                        counted("loaded");
+                        tracing::info!(cluster = %name, "upstream TLS files reloaded");
+                        any = true;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        counted("refused");
+                        tracing::warn!(cluster = %name, error = %e, "upstream TLS files not reloaded; the current ones stay");
+                    }
+                }
+            }
+            any
+        })
+        .await
+        .unwrap_or(false);
+        listener || upstream
     }
 
     /// Copies of the listening sockets (proxy, admin), to offer to a successor

@@ -654,3 +654,70 @@ async fn a_reload_keeps_the_migration_progress_and_walks_an_added_route_from_the
     assert_eq!(gone["routes"]["svc"]["weight"], 10);
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_acge_section_keeps_its_engine_and_score_cache_and_a_changed_one_reloads_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let model = tempfile::tempdir().unwrap();
+    common::make_test_model(model.path(), &[]);
+    let (up, _) = upstream("up", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    let text = |weight: u8, delay_us: u32| {
+        format!(
+            "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{up}\"]}}
+routes:
+  - {{name: scored, match: {{path_prefix: /svc}}, blue: up, green: up, green_weight: {weight}, filters: [acge]}}
+filters:
+  acge: {{model: \"{}\", mode: observe, on: [request], max_delay_us: {delay_us}}}
+",
+            model.path().display()
+        )
+    };
+    std::fs::write(&path, text(0, 500)).unwrap();
+    let p = start_file(&path).await;
+    let c = client();
+    let score = |body: &'static str| {
+        let (c, u) = (c.clone(), url(&p, "/svc"));
+        async move {
+            let r = send(
+                &c,
+                Method::POST,
+                &u,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+            assert_eq!(r.status, 200);
+        }
+    };
+    let hits = |m: &str| sample(m, "acge_inference_cache_total{result=\"hit\"}").unwrap_or(0.0);
+    score(r#"{"reload":"cached"}"#).await;
+    let before = hits(&scrape(&p).await);
+
+    // A change to the route only: the engine, its threads and its cache stay.
+    replace(&path, &text(10, 500));
+    let r = post_reload(&p).await.json();
+    assert_eq!(r["filters_rebuilt"], serde_json::json!([]), "{r}");
+    score(r#"{"reload":"cached"}"#).await;
+    assert_eq!(
+        hits(&scrape(&p).await),
+        before + 1.0,
+        "the score cache survived the reload"
+    );
+
+    // A change to filters.acge loads the model anew (its cache starts empty).
+    replace(&path, &text(10, 900));
+    let r = post_reload(&p).await.json();
+    assert_eq!(r["filters_rebuilt"], serde_json::json!(["acge"]), "{r}");
+    score(r#"{"reload":"cached"}"#).await;
+    assert_eq!(
+        hits(&scrape(&p).await),
+        before + 1.0,
+        "a new engine, a new cache"
+    );
+    p.shutdown().await;
+}

@@ -325,3 +325,46 @@ routes:
     );
     assert!(e[2].message.contains("must offer h2"), "{}", e[2]);
 }
+
+/// What `SIGHUP` does ([`acge_proxy::Running::reload_certificates`]): a cluster that
+/// does not poll its files (`reload_ms: 0`) takes a rotated pair at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_certificates_reads_a_clusters_files_again_now() {
+    let ca = Ca::new("test CA");
+    let upstream = mtls_upstream(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ca.pem", &ca.cert.pem());
+    let (first, first_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
+    write(d, "client.pem", &first);
+    write(d, "client.key", &first_key);
+    let p = proxy(&format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{upstream}\"], idle_timeout_ms: 50, tls: {{ca: \"{0}/ca.pem\", cert: \"{0}/client.pem\", key: \"{0}/client.key\", sni: upstream.test, reload_ms: 0}}}}
+routes:
+  - {{name: hup, match: {{path_prefix: /svc}}, blue: up, green: up}}
+",
+        d.display()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/svc", p.proxy_addr);
+    let body = |r: common::Reply| String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(
+        body(get(&c, &url, &[]).await),
+        format!("HTTP/1.1 {}", fingerprint(&first))
+    );
+    assert!(!p.reload_certificates().await, "nothing changed yet");
+    let (second, second_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
+    write(d, "client.key", &second_key);
+    write(d, "client.pem", &second);
+    assert!(p.reload_certificates().await, "the rotated pair loaded");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        body(get(&c, &url, &[]).await),
+        format!("HTTP/1.1 {}", fingerprint(&second))
+    );
+    p.shutdown().await;
+}

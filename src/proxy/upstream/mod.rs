@@ -113,6 +113,15 @@ impl Cluster {
         }
     }
 
+    /// Reads the cluster's TLS files again now (`SIGHUP`); see [`tls::UpstreamTls::reload`].
+    /// `Ok(false)` for a cluster without TLS.
+    pub fn reload_tls(&self) -> Result<bool, crate::proxy::server::TlsError> {
+        match self.pool.tls() {
+            Some(tls) => tls.reload(),
+            None => Ok(false),
+        }
+    }
+
     /// Whether the cluster has no endpoints (every request to it is a 503).
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()

@@ -98,6 +98,10 @@ impl Pool {
         }
     }
 
+    pub(super) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
+    }
+
     /// An idle connection that is still open and young enough, or a new one; when the
     /// cluster's connections are all open and busy, waits up to `max_pending` for one.
     pub(super) async fn checkout_h1(&self, endpoint: &Endpoint) -> Result<Checkout, UpstreamError> {
