@@ -50,20 +50,11 @@ fi
 bench_workdir chain
 build_release
 
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/upstream.pid;
-error_log $work/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+upstream_conf <<EOF
   client_body_buffer_size 16k;
   server { listen 127.0.0.1:19081 reuseport backlog=4096;
     location / { add_header x-constitutional-hash cdd01ef066bc6cf2; default_type application/json;
       return 200 '{"service":"integrity","backend":"blue","result":{"status":"ok"}}'; } }
-}
 EOF
 
 proxy_config() { # port filters...

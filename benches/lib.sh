@@ -41,3 +41,22 @@ wait_port() { # port
   done
   echo "$(basename "$0"): nothing listens on $1; see $work" >&2; exit 1
 }
+
+# Writes $work/upstream.conf: one nginx worker, no access log, endless keep-alive,
+# and the `http` block's content (server blocks) from stdin.
+upstream_conf() {
+  {
+    cat <<EOF
+worker_processes 1;
+daemon off;
+pid $work/upstream.pid;
+error_log $work/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+EOF
+    cat
+    echo "}"
+  } > "$work/upstream.conf"
+}

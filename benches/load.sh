@@ -35,22 +35,13 @@ build_release
 
 # Ports: upstream blue 19081, green 19082; proxies listen on 19100 (nginx), 19200
 # (haproxy), 19300 (acge-proxy); acge-proxy admin on 19301.
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/upstream.pid;
-error_log $work/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+upstream_conf <<EOF
   server { listen 127.0.0.1:19081 reuseport backlog=4096;
     location / { add_header x-acge-backend blue; default_type application/json;
       return 200 '{"service":"auth","backend":"blue","result":{"status":"ok"}}'; } }
   server { listen 127.0.0.1:19082 reuseport backlog=4096;
     location / { add_header x-acge-backend green; default_type application/json;
       return 200 '{"service":"auth","backend":"green","result":{"status":"ok"}}'; } }
-}
 EOF
 
 cat > "$work/nginx.conf" <<EOF

@@ -36,19 +36,10 @@ TOKEN=ops-load-token
 export ACGE_ADMIN_TOKEN=$TOKEN
 
 # Two upstreams, so that a reload can move a cluster from one to the other.
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/upstream.pid;
-error_log $work/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+upstream_conf <<EOF
   server { listen 127.0.0.1:19081 backlog=4096; listen 127.0.0.1:19082 backlog=4096;
     location / { add_header x-constitutional-hash cdd01ef066bc6cf2; default_type application/json;
       return 200 '{"service":"integrity","result":{"status":"ok"}}'; } }
-}
 EOF
 start upstream "$NGINX" -c "$work/upstream.conf" -p "$work"
 wait_port 19081

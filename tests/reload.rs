@@ -63,6 +63,27 @@ routes:
     )
 }
 
+/// A blue and a green upstream, and a directory for the config file.
+struct Files {
+    blue: SocketAddr,
+    green: SocketAddr,
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+async fn files() -> Files {
+    let (blue, _) = upstream("blue", Duration::ZERO).await;
+    let (green, _) = upstream("green", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    Files {
+        blue,
+        green,
+        dir,
+        path,
+    }
+}
+
 async fn start_file(path: &Path) -> Running {
     let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
     acge_proxy::start(config, StartOptions::new(TokenSource::Fixed(TOKEN.into())))
@@ -202,10 +223,12 @@ async fn post_reload_adds_a_route_keeps_a_runtime_weight_and_reports_generation_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_config_keeps_the_running_one_and_names_every_field_and_line() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (blue, _) = upstream("blue", Duration::ZERO).await;
-    let (green, _) = upstream("green", Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
+    let Files {
+        blue,
+        green,
+        dir: _dir,
+        path,
+    } = files().await;
     let good = yaml(blue, green, "", "127.0.0.1:0");
     std::fs::write(&path, &good).unwrap();
     let p = start_file(&path).await;
@@ -485,9 +508,9 @@ async fn wait_for_generation(p: &Running, want: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configmap_data_swap_is_seen_once_by_the_directory_watch() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (blue, _) = upstream("blue", Duration::ZERO).await;
-    let (green, _) = upstream("green", Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
+    let Files {
+        blue, green, dir, ..
+    } = files().await;
     let text = yaml(blue, green, "", "127.0.0.1:0");
     let mut cm = ConfigMapDir::new(dir.path(), &text);
     let p = start_file(&cm.path()).await;
@@ -522,10 +545,12 @@ async fn a_configmap_data_swap_is_seen_once_by_the_directory_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config_of_a_running_proxy() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (blue, _) = upstream("blue", Duration::ZERO).await;
-    let (green, _) = upstream("green", Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
+    let Files {
+        blue,
+        green,
+        dir: _dir,
+        path,
+    } = files().await;
     let admin_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -593,10 +618,12 @@ async fn sighup_reloads_the_config_of_a_running_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_migration_progress_and_walks_an_added_route_from_the_first_step() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (blue, _) = upstream("blue", Duration::ZERO).await;
-    let (green, _) = upstream("green", Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
+    let Files {
+        blue,
+        green,
+        dir: _dir,
+        path,
+    } = files().await;
     let migration = "migration: {interval_s: 3600, min_requests: 1}\n";
     let text = yaml(blue, green, "", "127.0.0.1:0") + migration;
     std::fs::write(&path, &text).unwrap();

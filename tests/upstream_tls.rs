@@ -240,44 +240,76 @@ routes:
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_client_certificate_reaches_new_connections_and_a_broken_one_is_refused() {
-    let ca = Ca::new("test CA");
-    let upstream = mtls_upstream(&ca).await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    write(d, "ca.pem", &ca.cert.pem());
-    let (first, first_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
-    write(d, "client.pem", &first);
-    write(d, "client.key", &first_key);
-    let p = proxy(&format!(
-        "listener: {{address: 127.0.0.1:0}}
+/// A proxy with one mTLS cluster `up` (`/svc`), whose client pair lives in a
+/// directory the test rotates; pooled connections expire after 50 ms, so that a
+/// request a little later opens a new one.
+struct Rotating {
+    ca: Ca,
+    dir: tempfile::TempDir,
+    proxy: acge_proxy::Running,
+    /// The client certificate loaded at start.
+    first: String,
+}
+
+impl Rotating {
+    async fn start(reload_ms: u64) -> Self {
+        let ca = Ca::new("test CA");
+        let upstream = mtls_upstream(&ca).await;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "ca.pem", &ca.cert.pem());
+        let (first, key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
+        write(d, "client.pem", &first);
+        write(d, "client.key", &key);
+        let proxy = proxy(&format!(
+            "listener: {{address: 127.0.0.1:0}}
 admin: {{address: 127.0.0.1:0}}
 clusters:
-  up: {{endpoints: [\"{upstream}\"], idle_timeout_ms: 50, tls: {{ca: \"{0}/ca.pem\", cert: \"{0}/client.pem\", key: \"{0}/client.key\", sni: upstream.test, reload_ms: 100}}}}
+  up: {{endpoints: [\"{upstream}\"], idle_timeout_ms: 50, tls: {{ca: \"{0}/ca.pem\", cert: \"{0}/client.pem\", key: \"{0}/client.key\", sni: upstream.test, reload_ms: {reload_ms}}}}}
 routes:
   - {{name: rot, match: {{path_prefix: /svc}}, blue: up, green: up}}
 ",
-        d.display()
-    ))
-    .await;
-    let c = client();
-    let url = format!("http://{}/svc", p.proxy_addr);
-    let body = |r: common::Reply| String::from_utf8_lossy(&r.body).into_owned();
-    assert_eq!(
-        body(get(&c, &url, &[]).await),
-        format!("HTTP/1.1 {}", fingerprint(&first))
-    );
+            d.display()
+        ))
+        .await;
+        Self {
+            ca,
+            dir,
+            proxy,
+            first,
+        }
+    }
 
-    let (second, second_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
-    write(d, "client.key", &second_key);
-    write(d, "client.pem", &second);
-    let want = format!("HTTP/1.1 {}", fingerprint(&second));
+    /// Writes a new client pair (the key first, as a Secret's update may); returns
+    /// the answer a connection made with it gets.
+    fn rotate(&self) -> String {
+        let (cert, key) = self
+            .ca
+            .leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
+        write(self.dir.path(), "client.key", &key);
+        write(self.dir.path(), "client.pem", &cert);
+        format!("HTTP/1.1 {}", fingerprint(&cert))
+    }
+
+    async fn answer(&self) -> String {
+        let url = format!("http://{}/svc", self.proxy.proxy_addr);
+        String::from_utf8_lossy(&get(&client(), &url, &[]).await.body).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_reaches_new_connections_and_a_broken_one_is_refused() {
+    let r = Rotating::start(100).await;
+    assert_eq!(
+        r.answer().await,
+        format!("HTTP/1.1 {}", fingerprint(&r.first))
+    );
+    let want = r.rotate();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // Past the pool's idle timeout, so each request opens a new connection.
         tokio::time::sleep(Duration::from_millis(120)).await;
-        if body(get(&c, &url, &[]).await) == want {
+        if r.answer().await == want {
             break;
         }
         assert!(
@@ -286,19 +318,39 @@ routes:
         );
     }
     let loaded = "acge_upstream_tls_reloads_total{cluster=\"up\",result=\"loaded\"}";
-    assert!(sample(&scrape(&p).await, loaded).is_some_and(|n| n >= 1.0));
+    assert!(sample(&scrape(&r.proxy).await, loaded).is_some_and(|n| n >= 1.0));
 
     // A key that does not load is refused; the rotated pair keeps serving.
-    write(d, "client.key", "not a key\n");
+    write(r.dir.path(), "client.key", "not a key\n");
     let refused = "acge_upstream_tls_reloads_total{cluster=\"up\",result=\"refused\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sample(&scrape(&p).await, refused).is_none() {
+    while sample(&scrape(&r.proxy).await, refused).is_none() {
         assert!(Instant::now() < deadline, "the broken key was never read");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(body(get(&c, &url, &[]).await), want);
-    p.shutdown().await;
+    assert_eq!(r.answer().await, want);
+    r.proxy.shutdown().await;
+}
+
+/// What `SIGHUP` does ([`acge_proxy::Running::reload_certificates`]): a cluster that
+/// does not poll its files (`reload_ms: 0`) takes a rotated pair at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_certificates_reads_a_clusters_files_again_now() {
+    let r = Rotating::start(0).await;
+    assert_eq!(
+        r.answer().await,
+        format!("HTTP/1.1 {}", fingerprint(&r.first))
+    );
+    assert!(!r.proxy.reload_certificates().await, "nothing changed yet");
+    let want = r.rotate();
+    assert!(
+        r.proxy.reload_certificates().await,
+        "the rotated pair loaded"
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(r.answer().await, want);
+    r.proxy.shutdown().await;
 }
 
 #[test]
@@ -324,47 +376,4 @@ routes:
         "{e:?}"
     );
     assert!(e[2].message.contains("must offer h2"), "{}", e[2]);
-}
-
-/// What `SIGHUP` does ([`acge_proxy::Running::reload_certificates`]): a cluster that
-/// does not poll its files (`reload_ms: 0`) takes a rotated pair at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_certificates_reads_a_clusters_files_again_now() {
-    let ca = Ca::new("test CA");
-    let upstream = mtls_upstream(&ca).await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    write(d, "ca.pem", &ca.cert.pem());
-    let (first, first_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
-    write(d, "client.pem", &first);
-    write(d, "client.key", &first_key);
-    let p = proxy(&format!(
-        "listener: {{address: 127.0.0.1:0}}
-admin: {{address: 127.0.0.1:0}}
-clusters:
-  up: {{endpoints: [\"{upstream}\"], idle_timeout_ms: 50, tls: {{ca: \"{0}/ca.pem\", cert: \"{0}/client.pem\", key: \"{0}/client.key\", sni: upstream.test, reload_ms: 0}}}}
-routes:
-  - {{name: hup, match: {{path_prefix: /svc}}, blue: up, green: up}}
-",
-        d.display()
-    ))
-    .await;
-    let c = client();
-    let url = format!("http://{}/svc", p.proxy_addr);
-    let body = |r: common::Reply| String::from_utf8_lossy(&r.body).into_owned();
-    assert_eq!(
-        body(get(&c, &url, &[]).await),
-        format!("HTTP/1.1 {}", fingerprint(&first))
-    );
-    assert!(!p.reload_certificates().await, "nothing changed yet");
-    let (second, second_key) = ca.leaf(&["acge-sidecar"], ExtendedKeyUsagePurpose::ClientAuth);
-    write(d, "client.key", &second_key);
-    write(d, "client.pem", &second);
-    assert!(p.reload_certificates().await, "the rotated pair loaded");
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(
-        body(get(&c, &url, &[]).await),
-        format!("HTTP/1.1 {}", fingerprint(&second))
-    );
-    p.shutdown().await;
 }
