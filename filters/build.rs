@@ -1,15 +1,15 @@
-//! With the `torch` feature: make binaries (tests included) find libtorch by rpath, and
-//! link libtorch itself even though no symbol is used from it directly, so that its
-//! CUDA half is loaded where a GPU is present. No LD_LIBRARY_PATH is needed at run time.
+//! Compiles `proto/grpc_predict_v2.proto` (the Open Inference Protocol's messages the
+//! `remote` backend uses) with protox, in Rust, so no protoc is needed; and links
+//! libtorch (`torch_link.rs`).
+include!("torch_link.rs");
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
-        return;
-    }
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{dir}");
-        println!("cargo:rustc-link-arg=-ltorch");
-    }
+    println!("cargo:rerun-if-changed=proto/grpc_predict_v2.proto");
+    let descriptors = protox::compile(["proto/grpc_predict_v2.proto"], ["proto"])
+        .expect("proto/grpc_predict_v2.proto compiles");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(descriptors)
+        .expect("the gRPC client is generated");
+    link_torch();
 }

@@ -19,6 +19,16 @@ pub const COMPLIANCE_SCORE: &str = "acge_compliance_score";
 pub const DECISIONS_TOTAL: &str = "acge_decisions_total";
 /// Violations by principle: `{route, version, phase, principle}`.
 pub const PRINCIPLE_VIOLATIONS_TOTAL: &str = "acge_principle_violations_total";
+/// Batches sent to the remote inference server: `{result="ok|error"}`.
+pub const REMOTE_REQUESTS_TOTAL: &str = "acge_remote_requests_total";
+/// Failed remote batches: `{kind="open|timeout|status|answer|fallback"}`.
+pub const REMOTE_ERRORS_TOTAL: &str = "acge_remote_errors_total";
+/// Time of one remote `ModelInfer`, seconds (histogram).
+pub const REMOTE_SECONDS: &str = "acge_remote_seconds";
+/// The circuit to the server: 0 closed, 2 open.
+pub const REMOTE_BREAKER_STATE: &str = "acge_remote_breaker_state";
+/// Batches the local fallback model decided because the server could not.
+pub const REMOTE_FALLBACK_TOTAL: &str = "acge_remote_fallback_total";
 
 /// Batch sizes: powers of two up to the largest `max_batch` that makes sense.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[

@@ -8,6 +8,7 @@
 //! [`InferError::Timeout`] and not computed.
 
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -95,9 +96,34 @@ impl Batcher {
         observer: O,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
         std::thread::Builder::new()
             .name(format!("acge-{name}"))
             .spawn(move || run(backend, config, observer, rx))?;
+        Ok(Self {
+            tx,
+            timeout: config.timeout,
+        })
+    }
+
+    /// As [`Batcher::spawn`], with one thread per backend, all taking batches from the
+    /// one queue: for a backend whose batches wait on the network, so that several are
+    /// on the wire at once (`remote.max_in_flight`). A thread forms its batch holding
+    /// the queue, then lets it go before it runs the batch.
+    pub fn spawn_many<B: Backend, O: BatchObserver + Clone>(
+        name: &str,
+        backends: Vec<B>,
+        config: BatcherConfig,
+        observer: O,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for (i, backend) in backends.into_iter().enumerate() {
+            let (rx, observer) = (rx.clone(), observer.clone());
+            std::thread::Builder::new()
+                .name(format!("acge-{name}-{i}"))
+                .spawn(move || run(backend, config, observer, rx))?;
+        }
         Ok(Self {
             tx,
             timeout: config.timeout,
@@ -131,12 +157,14 @@ fn run<B: Backend, O: BatchObserver>(
     mut backend: B,
     config: BatcherConfig,
     observer: O,
-    rx: mpsc::Receiver<Job>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
 ) {
     backend.start();
     let max_batch = config.max_batch.max(1);
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     loop {
+        // Uncontended with one thread; with several, one forms its batch at a time.
+        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(first) = rx.recv() else { return };
         let closes_at = first.enqueued + config.max_delay;
         batch.push(first);
@@ -158,6 +186,7 @@ fn run<B: Backend, O: BatchObserver>(
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        drop(rx);
         let started = Instant::now();
         let (live, expired): (Vec<Job>, Vec<Job>) =
             batch.drain(..).partition(|j| j.deadline > started);
@@ -202,7 +231,6 @@ fn fail_all<O: BatchObserver>(jobs: Vec<Job>, e: InferError, observer: &O) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     /// Scores each input as its length / 100 and remembers batch sizes.
     struct Fake {

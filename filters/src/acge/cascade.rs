@@ -90,6 +90,23 @@ impl Stage {
         })
     }
 
+    /// A stage whose batches run on several threads, one backend each, from one queue
+    /// ([`Batcher::spawn_many`]): the remote backend's `max_in_flight`.
+    pub fn spawn_many<B: Backend>(
+        name: &'static str,
+        backends: Vec<B>,
+        encoder: Encoder,
+        thresholds: Vec<f64>,
+        config: BatcherConfig,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            name,
+            batcher: Batcher::spawn_many(name, backends, config, Observer::new(name))?,
+            encoder,
+            thresholds: thresholds.into(),
+        })
+    }
+
     /// Encodes the rendering (on the caller's thread) and waits for the model's row.
     pub async fn infer(&self, rendering: &[u8]) -> Result<Vec<f32>, InferError> {
         let result = match self.encoder.encode(rendering) {
@@ -151,6 +168,7 @@ impl Cascade {
 }
 
 /// Records a stage's batches under the `acge_inference_*` names, labelled by stage.
+#[derive(Clone)]
 struct Observer {
     stage: &'static str,
     batch: metrics::Histogram,

@@ -85,6 +85,61 @@ pub struct AcgeConfig {
     /// A second, stronger model for the items the first one is unsure of.
     #[serde(default)]
     pub second: Option<SecondConfig>,
+    /// Score on a shared Open Inference Protocol server (Triton, KServe, MLServer)
+    /// instead of in process. `model` still names the model's directory: its
+    /// `model.json` (and tokenizer) make the input here; its TorchScript file is loaded
+    /// only as the `fallback`.
+    #[serde(default)]
+    pub remote: Option<RemoteConfig>,
+}
+
+/// The `remote` backend: gRPC `inference.GRPCInferenceService/ModelInfer`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// `http://host:port` of the server's gRPC listener.
+    pub endpoint: String,
+    /// The model's name on the server.
+    pub model: String,
+    /// Its version; empty for the server's choice.
+    #[serde(default)]
+    pub version: String,
+    /// Per batch, the call's deadline.
+    #[serde(default = "defaults::remote_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
+    #[serde(default = "defaults::max_delay_us")]
+    pub max_delay_us: u64,
+    /// Batches on the wire at once.
+    #[serde(default = "defaults::remote_in_flight")]
+    pub max_in_flight: usize,
+    /// Names of the input tensors, in the layout's order (`ids, offsets` for `hashed`,
+    /// `input_ids, attention_mask` for `tokens`, `input` for `bytes`); Triton's
+    /// TorchScript backend wants `INPUT__0, INPUT__1`.
+    #[serde(default)]
+    pub inputs: Option<Vec<String>>,
+    /// The output tensor to read (`[B, P]`, FP32); the first when absent.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Consecutive failed (or timed-out) batches that open the circuit.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open circuit refuses at once before a probe may close it.
+    #[serde(default = "defaults::breaker_cool_down_ms")]
+    pub breaker_cool_down_ms: u64,
+    /// `local`: while the circuit is open (or a call fails) the local TorchScript model
+    /// in `model` decides, counted; `none`: `on_error` decides.
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    #[default]
+    None,
+    Local,
 }
 
 /// The cascade's second stage.
@@ -114,6 +169,18 @@ pub struct SecondConfig {
 }
 
 mod defaults {
+    pub fn remote_timeout_ms() -> u64 {
+        250
+    }
+    pub fn remote_in_flight() -> usize {
+        4
+    }
+    pub fn breaker_failures() -> u32 {
+        5
+    }
+    pub fn breaker_cool_down_ms() -> u64 {
+        5_000
+    }
     pub fn on() -> Vec<super::Phase> {
         vec![super::Phase::Request]
     }
@@ -211,6 +278,41 @@ impl AcgeConfig {
             }
         }
         engine_problems("", self.device, self.precision, self.threads, &mut say);
+        if let Some(r) = &self.remote {
+            match http::Uri::try_from(r.endpoint.as_str()) {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some() => {}
+                _ => say(
+                    "remote.endpoint",
+                    format!("`{}` is not an http(s)://host:port address", r.endpoint),
+                ),
+            }
+            if r.model.is_empty() {
+                say("remote.model", "must name the model on the server".into());
+            }
+            if !(1..=MAX_BATCH).contains(&r.max_batch) {
+                say(
+                    "remote.max_batch",
+                    format!("{} is outside 1–{MAX_BATCH}", r.max_batch),
+                );
+            }
+            for (field, value) in [
+                ("remote.timeout_ms", r.timeout_ms),
+                ("remote.max_in_flight", r.max_in_flight as u64),
+                ("remote.breaker_failures", u64::from(r.breaker_failures)),
+            ] {
+                if value == 0 {
+                    say(field, "must be at least 1".into());
+                }
+            }
+            if self.second.is_some() {
+                say(
+                    "remote",
+                    "a remote backend and a `second` stage cannot be combined yet: serve the cascade's model remotely".into(),
+                );
+            }
+        }
         if let Some(s) = &self.second {
             let [lo, hi] = s.band;
             if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) || lo > hi {

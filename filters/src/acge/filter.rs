@@ -139,6 +139,8 @@ pub struct AcgeFilter {
     headers: Vec<HeaderName>,
     cache_hits: Counter,
     cache_misses: Counter,
+    /// The remote server's health, when the model runs there.
+    remote: Option<Arc<super::remote::Health>>,
 }
 
 /// Why the filter could not be built.
@@ -159,14 +161,21 @@ pub enum AcgeLoadError {
     Header(String),
     #[error("cannot start the inference thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Remote(String),
 }
 
 #[cfg(feature = "torch")]
 mod load {
+    use super::super::batcher::Backend;
     use super::super::batcher::BatcherConfig;
     use super::super::cascade::{Band, Stage};
     use super::super::config::default_threads;
+    use super::super::config::Fallback;
+    use super::super::encoder::Encoder;
     use super::super::engine::{EngineOptions, TorchEngine};
+    use super::super::meta::{ModelError, ModelMeta};
+    use super::super::remote::{Health as RemoteHealth, RemoteBackend};
     use super::*;
 
     /// The models a config names, loaded and checked, behind their inference threads;
@@ -267,12 +276,76 @@ mod load {
         };
         Ok(Some((Cascade::new(fast_stage, second), principles)))
     }
+
+    /// The remote stage: the model's metadata and encoder from `config.model`, its
+    /// TorchScript file only as the local fallback; with `check_only`, checked and
+    /// dropped (None).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn remote(
+        config: &AcgeConfig,
+        constitution_hash: &str,
+        check_only: bool,
+    ) -> Result<Option<(Cascade, Vec<String>, Arc<RemoteHealth>)>, AcgeLoadError> {
+        let remote = config.remote.as_ref().expect("called for a remote config");
+        let (meta, _) = ModelMeta::read(&config.model, constitution_hash)?;
+        let encoder = Encoder::new(&config.model, &meta)?;
+        let fallback = match remote.fallback {
+            Fallback::None => None,
+            Fallback::Local => {
+                let loaded = TorchEngine::load(
+                    &config.model,
+                    constitution_hash,
+                    EngineOptions {
+                        device: config.device,
+                        precision: config.precision,
+                        threads: Some(config.threads.unwrap_or(1)),
+                    },
+                )?;
+                let engine: Box<dyn Backend<Error = ModelError>> = Box::new(loaded.engine);
+                Some(Arc::new(std::sync::Mutex::new(engine)))
+            }
+        };
+        if check_only {
+            return Ok(None);
+        }
+        let (backends, health) =
+            RemoteBackend::connect(remote, encoder.layout(), meta.principles.len(), fallback)
+                .map_err(AcgeLoadError::Remote)?;
+        tracing::info!(endpoint = %remote.endpoint, model = %remote.model, in_flight = remote.max_in_flight,
+            fallback = ?remote.fallback, input = meta.input.kind(), "ACGE model served remotely");
+        let stage = Stage::spawn_many(
+            "fast",
+            backends,
+            encoder,
+            meta.column_thresholds(),
+            BatcherConfig {
+                max_batch: remote.max_batch,
+                max_delay: Duration::from_micros(remote.max_delay_us),
+                queue: config.queue,
+                // An item waits for its batch's call: never less than the call's deadline.
+                timeout: Duration::from_millis(
+                    config
+                        .timeout_ms
+                        .max(remote.timeout_ms + remote.max_delay_us / 1000 + 50),
+                ),
+            },
+        )
+        .map_err(AcgeLoadError::Thread)?;
+        Ok(Some((Cascade::new(stage, None), meta.principles, health)))
+    }
 }
 
 impl AcgeFilter {
     /// Loads the model (and the second stage's) and starts the inference threads.
     #[cfg(feature = "torch")]
     pub fn load(config: &AcgeConfig, constitution_hash: &str) -> Result<Self, AcgeLoadError> {
+        if config.remote.is_some() {
+            let (cascade, principles, health) = load::remote(config, constitution_hash, false)?
+                .expect("a remote stage that is not only checked is returned");
+            let mut filter = Self::with_cascade(cascade, principles, config)?;
+            filter.remote = Some(health);
+            return Ok(filter);
+        }
         let (cascade, principles) = load::cascade(config, constitution_hash, false)?
             .expect("a cascade that is not only checked is returned");
         Self::with_cascade(cascade, principles, config)
@@ -289,6 +362,9 @@ impl AcgeFilter {
     pub fn check(config: &AcgeConfig, constitution_hash: &str) -> Result<(), AcgeLoadError> {
         #[cfg(feature = "torch")]
         {
+            if config.remote.is_some() {
+                return load::remote(config, constitution_hash, true).map(|_| ());
+            }
             load::cascade(config, constitution_hash, true).map(|_| ())
         }
         #[cfg(not(feature = "torch"))]
@@ -330,7 +406,14 @@ impl AcgeFilter {
             headers,
             cache_hits: counter!(INFERENCE_CACHE_TOTAL, "result" => "hit"),
             cache_misses: counter!(INFERENCE_CACHE_TOTAL, "result" => "miss"),
+            remote: None,
         })
+    }
+
+    /// Why the proxy should not take traffic for this filter now: the remote server
+    /// is not ready, or its circuit is open (and no local fallback decides).
+    pub fn waiting_for(&self) -> Option<String> {
+        self.remote.as_ref().and_then(|h| h.waiting_for())
     }
 
     /// Scores a request exactly as `on_request` does (for `acge-proxy model eval`).

@@ -5,8 +5,9 @@
 //! ([`encoder`]: the bytes, the [`hashed`] feature ids or the [`tokens`] of a Hugging
 //! Face tokenizer); the model metadata ([`meta`]); the Triton-style dynamic batcher over
 //! any [`batcher::Backend`] ([`batcher`]); the libtorch engine (`engine`, with the
-//! `torch` feature); the two-stage [`cascade`]; the score cache ([`cache`]) and the
-//! `acge` filter ([`filter`]).
+//! `torch` feature) or a shared Open Inference Protocol server ([`remote`]); the
+//! two-stage [`cascade`]; the score cache ([`cache`]) and the `acge` filter
+//! ([`filter`]).
 
 pub mod batcher;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod filter;
 pub mod hashed;
 pub mod meta;
+pub mod remote;
 pub mod render;
 pub mod tokens;
 

@@ -1,7 +1,9 @@
 //! `GET /`, `GET /live` and `GET /ready`.
 //!
 //! Ready means: the listeners serve, every model the config needs is loaded (the start
-//! loads them before it binds), and every cluster that a route now sends traffic to
+//! loads them before it binds) or, for a remote one, its inference server answers
+//! `ServerReady` and `ModelReady` and its circuit is not open (unless a local fallback
+//! decides meanwhile), and every cluster that a route now sends traffic to
 //! (blue below 100 % green, green above 0 %) has accepted a connection once. Each
 //! cluster's latch drops for good the first time it does; a later outage is the
 //! upstream's to report (502/503), not a reason to pull the sidecar from its Service.
@@ -149,6 +151,15 @@ pub async fn ready(State(admin): State<Arc<Admin>>) -> Response {
                 waiting.push(cluster.clone());
             }
         }
+    }
+    if let Some(why) = admin
+        .reloader
+        .current()
+        .registry
+        .acge()
+        .and_then(|acge| acge.waiting_for())
+    {
+        return reply::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why);
     }
     if waiting.is_empty() {
         reply::ok(json!({"status": "ready"}))
