@@ -50,5 +50,13 @@ fn the_charts_render_validate_and_run_the_sidecar_they_declare() {
         text.contains("restart annotation: a weight reloads in place"),
         "{text}"
     );
+    assert!(
+        text.contains("inference example: values-remote.yaml renders filters.acge.remote"),
+        "{text}"
+    );
+    assert!(
+        text.contains("refused at render: needs sidecar.config.filters.acge"),
+        "{text}"
+    );
     assert_eq!(text.matches("Probe GET").count(), 3, "{text}");
 }

@@ -374,3 +374,52 @@ async fn a_local_fallback_decides_while_the_server_is_gone_and_the_pod_stays_rea
     );
     p.shutdown().await;
 }
+
+/// helm/examples/inference's Triton model configuration parses as Triton's own
+/// `ModelConfig` (its protobuf, from the tritonclient wheel MLServer brings), with
+/// dynamic batching, the TorchScript platform, and as many outputs per item as the
+/// encoder has principles.
+#[test]
+fn the_triton_example_config_is_a_valid_model_config_for_the_encoder() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = mlserver().with_file_name("python");
+    let config =
+        root.join("helm/examples/inference/triton/model_repository/acge-encoder/config.pbtxt");
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(
+            "import json, sys\n\
+             from google.protobuf import text_format\n\
+             from tritonclient.grpc import model_config_pb2\n\
+             c = text_format.Parse(open(sys.argv[1]).read(), model_config_pb2.ModelConfig())\n\
+             print(json.dumps({'platform': c.platform, 'max_batch_size': c.max_batch_size,\n\
+               'delay': c.dynamic_batching.max_queue_delay_microseconds,\n\
+               'inputs': [i.name for i in c.input], 'outputs': [[o.name, list(o.dims)] for o in c.output]}))",
+        )
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("models/acge-encoder/model.json")).unwrap(),
+    )
+    .unwrap();
+    let principles = meta["principles"].as_array().unwrap().len();
+    assert_eq!(parsed["platform"], "pytorch_libtorch", "{parsed}");
+    assert!(parsed["max_batch_size"].as_u64().unwrap() >= 64, "{parsed}");
+    assert!(parsed["delay"].as_u64().unwrap() > 0, "{parsed}");
+    assert_eq!(
+        parsed["inputs"],
+        serde_json::json!(["INPUT__0", "INPUT__1"])
+    );
+    assert_eq!(
+        parsed["outputs"],
+        serde_json::json!([["OUTPUT__0", [principles]]]),
+        "one FP32 per principle of models/acge-encoder"
+    );
+}

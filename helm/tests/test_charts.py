@@ -48,7 +48,8 @@ CASES = [
     ("example", "pvc.yaml"),
 ]
 KUBE = ["1.29.0", "1.33.0"]
-CRD_REQUIRED = {"PrometheusRule": ["groups"], "PodMonitor": ["selector", "podMetricsEndpoints"], "ServiceMonitor": ["selector", "endpoints"]}
+CRD_REQUIRED = {"PrometheusRule": ["groups"], "PodMonitor": ["selector", "podMetricsEndpoints"], "ServiceMonitor": ["selector", "endpoints"], "InferenceService": ["predictor"]}
+INFERENCE = os.path.join(ROOT, "examples", "inference")
 
 
 def fail(msg):
@@ -171,6 +172,36 @@ def check_restart_annotation(work):
     ok("restart annotation: a weight reloads in place, a listener change rolls the pods")
 
 
+def check_inference(work):
+    """helm/examples/inference: the chart's values for a shared tier render a config
+    whose acge filter scores remotely (and pass the schema); the InferenceService
+    manifest has its kind's required fields."""
+    import yaml
+    chart = helm.Chart.load(with_library(CHARTS["acge-proxy"], work))
+    with open(os.path.join(INFERENCE, "values-remote.yaml")) as f:
+        values = yaml.safe_load(f)
+    chart.validate_schema(values)
+    docs = [d for _, d in objects(chart.render(values, name="auth", namespace="acgs"))]
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    remote = config["filters"]["acge"].get("remote")
+    want = {"endpoint": "http://acge-encoder-predictor.acge.svc:9000", "model": "acge-encoder", "fallback": "local",
+            "inputs": ["INPUT__0", "INPUT__1"], "output": "OUTPUT__0", "timeout_ms": 250, "max_in_flight": 4, "version": ""}
+    if remote != want:
+        fail(f"values-remote.yaml renders filters.acge.remote {remote}, not {want}")
+    with open(os.path.join(INFERENCE, "kserve", "inferenceservice.yaml")) as f:
+        isvc = yaml.safe_load(f)
+    for key in ["apiVersion", "kind", "metadata"]:
+        if key not in isvc:
+            fail(f"inferenceservice.yaml lacks {key}")
+    missing = [k for k in CRD_REQUIRED[isvc["kind"]] if k not in isvc.get("spec", {})]
+    if missing or not isvc["apiVersion"].startswith("serving.kserve.io/"):
+        fail(f"inferenceservice.yaml: {isvc['apiVersion']} {isvc['kind']} lacks {missing}")
+    model = isvc["spec"]["predictor"]["model"]
+    if model.get("protocolVersion") not in ("v2", "grpc-v2"):
+        fail(f"the InferenceService does not speak the Open Inference Protocol: {model.get('protocolVersion')}")
+    ok("inference example: values-remote.yaml renders filters.acge.remote; the InferenceService has its required fields")
+
+
 def expect_render_refused(name, values, needle, work):
     chart = helm.Chart.load(with_library(CHARTS[name], work))
     try:
@@ -285,6 +316,9 @@ def main():
                              "config": {"listener": {"drain_timeout_ms": 10000}}}}
         expect_render_refused("acge-proxy", short, "below the drain it must cover", os.path.join(work, "grace"))
         check_restart_annotation(os.path.join(work, "annotation"))
+        check_inference(os.path.join(work, "inference"))
+        no_acge = {"sidecar": {"inference": {"endpoint": "http://tier:9000"}}}
+        expect_render_refused("acge-proxy", no_acge, "needs sidecar.config.filters.acge", os.path.join(work, "inference-bad"))
         run_sidecar(binary, os.path.join(work, "run"))
     print("all chart checks passed")
 

@@ -44,6 +44,16 @@ volume.
 {{- if hasKey $c "migration" -}}
 {{- $_ := set (get $c "migration") "state_file" "/var/lib/acge/migration-state.json" -}}
 {{- end -}}
+{{- $inf := $s.inference | default dict -}}
+{{- if $inf.endpoint -}}
+{{- if not (hasKey $filters "acge") -}}
+{{- fail "sidecar.inference.endpoint needs sidecar.config.filters.acge (its model directory gives the input the server's model takes)" -}}
+{{- end -}}
+{{- $remote := dict "endpoint" $inf.endpoint "model" $inf.model "version" ($inf.version | default "") "timeout_ms" ($inf.timeoutMs | default 250) "max_in_flight" ($inf.maxInFlight | default 4) "fallback" ($inf.fallback | default "none") -}}
+{{- if $inf.inputs -}}{{- $_ := set $remote "inputs" $inf.inputs -}}{{- end -}}
+{{- if $inf.output -}}{{- $_ := set $remote "output" $inf.output -}}{{- end -}}
+{{- $_ := set (get $filters "acge") "remote" $remote -}}
+{{- end -}}
 {{- toYaml $c -}}
 {{- end -}}
 
