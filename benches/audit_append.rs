@@ -27,6 +27,7 @@ fn record(i: usize) -> AuditRecord {
         decision: "allowed".into(),
         latency_ms: 1.234,
         event: None,
+        jwt: None,
     }
 }
 

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use cli::audit::AuditCommand;
 use cli::migration::MigrationCommand;
 use cli::model::ModelCommand;
+use cli::policy::PolicyCommand;
 
 /// mimalloc for the Rust side (libtorch keeps its own): a request's buffers are freed
 /// on other threads than the one that made them (the audit writer, the inference
@@ -78,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Test and evaluate the policy filter's Rego.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -119,5 +125,6 @@ fn main() -> ExitCode {
         )),
         Command::Audit { command } => cli::audit::audit(command),
         Command::Model { command } => cli::report(cli::model::run(command)),
+        Command::Policy { command } => cli::policy::run(command),
     }
 }

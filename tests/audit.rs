@@ -58,6 +58,7 @@ fn record(i: u64) -> AuditRecord {
         decision: "allowed".into(),
         latency_ms: 1.5,
         event: None,
+        jwt: None,
     }
 }
 

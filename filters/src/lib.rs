@@ -14,7 +14,9 @@ pub mod audit;
 mod chain;
 mod exchange;
 pub mod hash;
+pub mod jwt;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 
 pub use chain::{

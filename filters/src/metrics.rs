@@ -19,6 +19,10 @@ pub const COMPLIANCE_SCORE: &str = "acge_compliance_score";
 pub const DECISIONS_TOTAL: &str = "acge_decisions_total";
 /// Violations by principle: `{route, version, phase, principle}`.
 pub const PRINCIPLE_VIOLATIONS_TOTAL: &str = "acge_principle_violations_total";
+/// Tokens the jwt filter judged: `{route, result="valid|missing|expired|…"}`.
+pub const JWT_TOTAL: &str = "acge_jwt_total";
+/// Policy decisions: `{route, result="allow|deny|error_denied|error_allowed"}`.
+pub const POLICY_TOTAL: &str = "acge_policy_total";
 /// Batches sent to the remote inference server: `{result="ok|error"}`.
 pub const REMOTE_REQUESTS_TOTAL: &str = "acge_remote_requests_total";
 /// Failed remote batches: `{kind="open|timeout|status|answer|fallback"}`.

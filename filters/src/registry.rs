@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::acge::filter::{AcgeConfig, AcgeFilter, AcgeLoadError};
 use crate::audit::{AuditConfig, AuditError, AuditFilter, AuditLog};
 use crate::hash::{HashConfig, HashFilter};
+use crate::jwt::{JwksError, JwtConfig, JwtFilter};
+use crate::policy::{PolicyConfig, PolicyError, PolicyFilter};
 use crate::Filter;
 
 /// Filters this build can run. Routes naming anything else are refused at load.
-pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "acge", "audit"];
+pub const KNOWN_FILTERS: &[&str] = &["constitutional_hash", "jwt", "policy", "acge", "audit"];
 
 /// Settings of each filter, shared by every route that lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -31,6 +33,12 @@ pub struct FiltersConfig {
     /// Needed by routes that list `audit` (its `dir` has no default).
     #[serde(default)]
     pub audit: Option<AuditConfig>,
+    /// Needed by routes that list `jwt` (its `jwks_file` has no default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    /// Needed by routes that list `policy` (its `dir` has no default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyConfig>,
 }
 
 /// One problem with the filters' settings: the field path under `filters.` and why.
@@ -65,6 +73,12 @@ impl FiltersConfig {
             "acge" if self.acge.is_none() => {
                 Some("`acge` needs a `filters.acge` section with its `model`".into())
             }
+            "jwt" if self.jwt.is_none() => {
+                Some("`jwt` needs a `filters.jwt` section with its `jwks_file`".into())
+            }
+            "policy" if self.policy.is_none() => {
+                Some("`policy` needs a `filters.policy` section with its `dir`".into())
+            }
             _ => None,
         }
     }
@@ -75,6 +89,11 @@ impl FiltersConfig {
         if let Some(acge) = &self.acge {
             for (field, why) in acge.problems() {
                 errors.push(SettingError::new(format!("filters.acge.{field}"), why));
+            }
+        }
+        if let Some(jwt) = &self.jwt {
+            for (field, why) in jwt.problems() {
+                errors.push(SettingError::new(format!("filters.jwt.{field}"), why));
             }
         }
         if let Some(audit) = &self.audit {
@@ -130,6 +149,16 @@ impl FiltersConfig {
                 Err(e) => errors.push(SettingError::new("filters.acge.model", e.to_string())),
             }
         }
+        if let (Some(jwt), true) = (&self.jwt, used("jwt")) {
+            if let Err(e) = JwtFilter::load(jwt, constitution_hash) {
+                errors.push(SettingError::new("filters.jwt.jwks_file", e.to_string()));
+            }
+        }
+        if let (Some(policy), true) = (&self.policy, used("policy")) {
+            if let Err(e) = PolicyFilter::load(policy) {
+                errors.push(SettingError::new("filters.policy.dir", e.to_string()));
+            }
+        }
         if let (Some(audit), true) = (&self.audit, used("audit")) {
             if let Err(e) = crate::audit::log::check_key(audit) {
                 errors.push(SettingError::new("filters.audit.key_file", e.to_string()));
@@ -154,11 +183,18 @@ pub enum BuildError {
     Acge(#[from] AcgeLoadError),
     #[error("filters.audit: {0}")]
     Audit(#[from] AuditError),
+    #[error("filters.jwt: {0}")]
+    Jwt(#[from] JwksError),
+    #[error("filters.policy: {0}")]
+    Policy(#[from] PolicyError),
 }
 
 /// The built-in filters a config runs, each built once.
 pub struct Registry {
     hash: Option<Arc<HashFilter>>,
+    jwt: Option<Arc<JwtFilter>>,
+    /// Loaded anew on every build: a reload reads the policies again.
+    policy: Option<Arc<PolicyFilter>>,
     /// The acge filter, with the settings (and constitution hash) it was loaded with.
     acge: Option<(serde_json::Value, Arc<AcgeFilter>)>,
     audit: Option<(Arc<AuditLog>, Arc<AuditFilter>)>,
@@ -192,6 +228,14 @@ impl Registry {
             ))
         } else {
             None
+        };
+        let jwt = match (&config.jwt, used("jwt")) {
+            (Some(settings), true) => Some(JwtFilter::load(settings, constitution_hash)?),
+            _ => None,
+        };
+        let policy = match (&config.policy, used("policy")) {
+            (Some(settings), true) => Some(PolicyFilter::load(settings)?),
+            _ => None,
         };
         let acge = match (&config.acge, used("acge")) {
             (Some(settings), true) => {
@@ -227,7 +271,13 @@ impl Registry {
             }
             _ => None,
         };
-        Ok(Self { hash, acge, audit })
+        Ok(Self {
+            hash,
+            jwt,
+            policy,
+            acge,
+            audit,
+        })
     }
 
     /// The built-in filter `name`, bound to `route`; None for a name this registry did
@@ -246,6 +296,14 @@ impl Registry {
                 .audit
                 .as_ref()
                 .map(|(_, f)| f.clone() as Arc<dyn Filter>),
+            "jwt" => self
+                .jwt
+                .as_ref()
+                .map(|f| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
+            "policy" => self
+                .policy
+                .as_ref()
+                .map(|f| Arc::new(f.for_route(route)) as Arc<dyn Filter>),
             _ => None,
         }
     }
@@ -273,6 +331,12 @@ pub fn resolve_paths(config: &mut FiltersConfig, base: &Path) {
         if let Some(second) = &mut acge.second {
             resolve(&mut second.model);
         }
+    }
+    if let Some(jwt) = &mut config.jwt {
+        resolve(&mut jwt.jwks_file);
+    }
+    if let Some(policy) = &mut config.policy {
+        resolve(&mut policy.dir);
     }
     if let Some(audit) = &mut config.audit {
         resolve(&mut audit.dir);

@@ -6,6 +6,7 @@ pub mod check;
 pub mod demo;
 pub mod migration;
 pub mod model;
+pub mod policy;
 pub mod run;
 
 use std::process::ExitCode;

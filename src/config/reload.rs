@@ -528,6 +528,12 @@ fn assemble_error(config: &ValidConfig, e: AssembleError) -> ConfigError {
         AssembleError::Filters(BuildError::Audit(inner)) => {
             ("filters.audit".to_string(), inner.to_string())
         }
+        AssembleError::Filters(BuildError::Jwt(inner)) => {
+            ("filters.jwt".to_string(), inner.to_string())
+        }
+        AssembleError::Filters(BuildError::Policy(inner)) => {
+            ("filters.policy".to_string(), inner.to_string())
+        }
         AssembleError::MissingFilter(_) => ("routes".to_string(), e.to_string()),
         AssembleError::Cluster { name, reason } => (format!("clusters.{name}.tls"), reason.clone()),
     };

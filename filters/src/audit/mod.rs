@@ -79,6 +79,10 @@ fn record(ex: &Exchange, end: &End) -> AuditRecord {
         decision: decision(ex, end).to_string(),
         latency_ms: (latency_ms * 1000.0).round() / 1000.0,
         event: None,
+        jwt: ex
+            .attributes
+            .get::<crate::jwt::JwtAudit>()
+            .map(|a| a.0.clone()),
     }
 }
 

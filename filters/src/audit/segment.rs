@@ -66,6 +66,9 @@ pub struct AuditRecord {
     /// happened and the figures behind it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<serde_json::Value>,
+    /// The forwarded claims of the request's token (the jwt filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<serde_json::Value>,
 }
 
 /// A signed statement of the tree's size and root at a moment: a signed note (inline

@@ -453,6 +453,7 @@ impl Controller {
                 "weight": r.route.load().splitter.green_weight(),
                 "detail": detail,
             })),
+            jwt: None,
         };
         log.append_detached(record);
     }
