@@ -115,7 +115,10 @@ impl JwtConfig {
             }
         }
         if let Some(level) = self.min_compliance_level.filter(|l| !l.is_finite()) {
-            out.push(("min_compliance_level".into(), format!("{level} is not a number")));
+            out.push((
+                "min_compliance_level".into(),
+                format!("{level} is not a number"),
+            ));
         }
         out
     }
@@ -226,7 +229,10 @@ struct Refusal {
 
 fn refuse(result: &str, detail: impl Into<String>) -> Refusal {
     Refusal {
-        result: RESULTS.iter().position(|r| *r == result).expect("a known result"),
+        result: RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .expect("a known result"),
         detail: detail.into(),
     }
 }
@@ -285,7 +291,8 @@ impl JwtFilter {
     pub fn for_route(self: &Arc<Self>, route: &str) -> RouteJwtFilter {
         RouteJwtFilter {
             shared: self.clone(),
-            counters: RESULTS.map(|r| counter!(JWT_TOTAL, "route" => route.to_string(), "result" => r)),
+            counters: RESULTS
+                .map(|r| counter!(JWT_TOTAL, "route" => route.to_string(), "result" => r)),
         }
     }
 
@@ -296,7 +303,10 @@ impl JwtFilter {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| refuse("missing", "Authorization is not `Bearer <token>`"))?;
@@ -315,7 +325,10 @@ impl JwtFilter {
                 .get(kid)
                 .ok_or_else(|| refuse("unknown_kid", format!("no key `{kid}` in the JWKS")))?,
             None => keys.only.as_ref().ok_or_else(|| {
-                refuse("unknown_kid", "the token names no kid and the JWKS has several keys")
+                refuse(
+                    "unknown_kid",
+                    "the token names no kid and the JWKS has several keys",
+                )
             })?,
         };
         if key_alg.is_some_and(|a| a != header.alg) {
@@ -337,32 +350,39 @@ impl JwtFilter {
         } else {
             validation.set_audience(&self.audiences);
         }
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            let reason = match e.kind() {
-                K::ExpiredSignature => "expired",
-                K::ImmatureSignature => "not_yet_valid",
-                K::InvalidSignature => "bad_signature",
-                K::InvalidIssuer => "wrong_issuer",
-                K::InvalidAudience => "wrong_audience",
-                K::InvalidAlgorithm | K::InvalidAlgorithmName => "algorithm",
-                _ => "malformed",
-            };
-            refuse(reason, e.to_string())
-        })?;
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                let reason = match e.kind() {
+                    K::ExpiredSignature => "expired",
+                    K::ImmatureSignature => "not_yet_valid",
+                    K::InvalidSignature => "bad_signature",
+                    K::InvalidIssuer => "wrong_issuer",
+                    K::InvalidAudience => "wrong_audience",
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => "algorithm",
+                    _ => "malformed",
+                };
+                refuse(reason, e.to_string())
+            })?;
         let claims = data.claims;
         match claims.get("constitutional_hash").and_then(|h| h.as_str()) {
             Some(h) if h == self.constitution => {}
             Some(h) => {
                 return Err(refuse(
                     "wrong_constitutional_hash",
-                    format!("the token's constitutional_hash is {h}, not {}", self.constitution),
+                    format!(
+                        "the token's constitutional_hash is {h}, not {}",
+                        self.constitution
+                    ),
                 ))
             }
             None => {
                 return Err(refuse(
                     "wrong_constitutional_hash",
-                    format!("the token has no constitutional_hash (expected {})", self.constitution),
+                    format!(
+                        "the token has no constitutional_hash (expected {})",
+                        self.constitution
+                    ),
                 ))
             }
         }
@@ -390,7 +410,9 @@ async fn reload_every(filter: std::sync::Weak<JwtFilter>, every: Duration) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let Some(filter) = filter.upgrade() else { return };
+        let Some(filter) = filter.upgrade() else {
+            return;
+        };
         match filter.reload() {
             Ok(true) => tracing::info!(jwks = %filter.path.display(), "JWKS reloaded"),
             Ok(false) => {}
@@ -410,11 +432,9 @@ pub struct RouteJwtFilter {
 fn claim_text(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .map(claim_text)
-            .collect::<Vec<_>>()
-            .join(","),
+        serde_json::Value::Array(items) => {
+            items.iter().map(claim_text).collect::<Vec<_>>().join(",")
+        }
         other => other.to_string(),
     }
 }
@@ -442,7 +462,8 @@ impl Filter for RouteJwtFilter {
                         audit.insert(claim.clone(), value.clone());
                     }
                 }
-                ex.attributes.insert(JwtAudit(serde_json::Value::Object(audit)));
+                ex.attributes
+                    .insert(JwtAudit(serde_json::Value::Object(audit)));
                 ex.attributes.insert(JwtClaims(Arc::new(claims)));
                 Verdict::Continue
             }

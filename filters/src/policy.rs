@@ -119,7 +119,9 @@ pub fn decide(
 ) -> Result<Decision, String> {
     let mut engine = engine.clone();
     engine.set_input(regorus::Value::from(input));
-    let allow = engine.eval_rule(query.to_string()).map_err(|e| e.to_string())?;
+    let allow = engine
+        .eval_rule(query.to_string())
+        .map_err(|e| e.to_string())?;
     let allow = allow == regorus::Value::from(true);
     let reasons = if allow {
         Vec::new()
@@ -196,7 +198,8 @@ impl PolicyFilter {
     }
 
     pub fn for_route(self: &Arc<Self>, route: &str) -> RoutePolicyFilter {
-        let c = |r: &'static str| counter!(POLICY_TOTAL, "route" => route.to_string(), "result" => r);
+        let c =
+            |r: &'static str| counter!(POLICY_TOTAL, "route" => route.to_string(), "result" => r);
         RoutePolicyFilter {
             shared: self.clone(),
             allow: c("allow"),
@@ -296,15 +299,18 @@ pub fn run_tests(dir: &Path) -> Result<Vec<TestResult>, PolicyError> {
             path: path.display().to_string(),
             source,
         })?;
-        let Some(package) = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("package ").map(|p| p.trim().to_string()))
-        else {
+        let Some(package) = text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("package ")
+                .map(|p| p.trim().to_string())
+        }) else {
             continue;
         };
         let mut seen = Vec::new();
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("test_") else { continue };
+            let Some(rest) = line.strip_prefix("test_") else {
+                continue;
+            };
             let name: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')

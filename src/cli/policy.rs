@@ -67,16 +67,16 @@ pub fn run(command: PolicyCommand) -> ExitCode {
             } else {
                 std::fs::read_to_string(&input)
             };
-            let document: serde_json::Value =
-                match text.map_err(|e| e.to_string()).and_then(|t| {
-                    serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}"))
-                }) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        eprintln!("{}: {e}", input.display());
-                        return ExitCode::FAILURE;
-                    }
-                };
+            let document: serde_json::Value = match text
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("{}: {e}", input.display());
+                    return ExitCode::FAILURE;
+                }
+            };
             let filter = match PolicyFilter::load(&PolicyConfig {
                 dir,
                 query,
