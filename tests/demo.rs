@@ -25,10 +25,30 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
     );
     let c = client();
     let mut backends = std::collections::HashSet::new();
+    let bearer = format!("Bearer {}", demo.bearer);
+    assert!(
+        banner.contains(&bearer),
+        "the banner's curl line carries the demo's token"
+    );
     for service in SERVICES {
         for i in 0..10 {
             let url = format!("http://127.0.0.1:15001{}", service.acge_endpoint);
-            let r = send(&c, Method::POST, &url, &[], format!(r#"{{"q":{i}}}"#)).await;
+            // auth checks a token (jwt); pgc runs its Rego policy (policy).
+            let (headers, body): (Vec<(&str, &str)>, String) = match service.name {
+                "auth" => (
+                    vec![("authorization", bearer.as_str())],
+                    format!(r#"{{"q":{i}}}"#),
+                ),
+                "pgc" => (
+                    vec![
+                        ("x-user-roles", "policy-compiler"),
+                        ("content-type", "application/json"),
+                    ],
+                    format!(r#"{{"q":{i},"constitutional_hash":"cdd01ef066bc6cf2","rules":[]}}"#),
+                ),
+                _ => (vec![], format!(r#"{{"q":{i}}}"#)),
+            };
+            let r = send(&c, Method::POST, &url, &headers, body).await;
             assert_eq!(r.status, StatusCode::OK, "{}", service.name);
             assert_eq!(r.headers["x-acge-service"], service.name);
             assert_eq!(r.headers["x-acge-hash-check"], "match");
@@ -46,6 +66,30 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
             backends.insert(r.backend().to_string());
         }
     }
+    // Without a token, auth refuses; without the role, pgc's policy refuses and says why.
+    let r = send(
+        &c,
+        Method::POST,
+        "http://127.0.0.1:15001/api/v1/auth/acge/validate",
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["error"], "missing");
+    let r = send(
+        &c,
+        Method::POST,
+        "http://127.0.0.1:15001/api/v1/policy/acge/compile",
+        &[("content-type", "application/json")],
+        r#"{"constitutional_hash":"cdd01ef066bc6cf2","rules":[]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.json()["reasons"][0],
+        "the caller lacks the policy-compiler role"
+    );
     assert_eq!(
         backends,
         std::collections::HashSet::from(["blue".to_string()]),
@@ -68,7 +112,8 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
             .unwrap();
     let records = audit_records(&dir.path().join("audit"));
     let shadow = records.iter().filter(|r| r.decision == "shadow").count();
-    assert_eq!(summary.records, 70 + shadow as u64);
+    // 70 answered, the 2 refusals above, and green's shadow answers.
+    assert_eq!(summary.records, 72 + shadow as u64);
     assert!(
         records
             .iter()
@@ -79,8 +124,16 @@ async fn demo_serves_the_seven_services_and_its_audit_log_verifies() {
     let scored = records.iter().filter(|r| r.compliance.is_some()).count();
     assert_eq!(
         scored,
-        records.len(),
-        "every audit record carries the ACGE score"
+        records.len() - 1,
+        "every audit record carries the ACGE score but the one the jwt filter refused before scoring"
+    );
+    let signed = records
+        .iter()
+        .filter(|r| r.route == "auth" && r.jwt.is_some())
+        .count();
+    assert!(
+        signed >= 10,
+        "auth's records carry the token's claims ({signed})"
     );
     assert_eq!(summary.unsigned_tail, 0);
 }

@@ -120,7 +120,8 @@ async fn every_alert_and_dashboard_query_evaluates_over_what_a_running_demo_expo
     let demo = acge_proxy::demo::start("demo-token".into(), dir.path())
         .await
         .expect("the demo ports (15000, 15001, 18000-18006, 18100-18106) are free");
-    let _traffic = acge_proxy::demo::spawn_traffic(demo.proxy.proxy_addr, 40);
+    let _traffic =
+        acge_proxy::demo::spawn_traffic(demo.proxy.proxy_addr, 40, Some(demo.bearer.clone()));
     let c = client();
     for fault in [
         r#"{"service": "ac", "version": "green", "wrong_hash_rate": 0.5}"#,

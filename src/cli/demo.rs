@@ -10,7 +10,8 @@ pub async fn demo(dir: PathBuf, traffic: u32) -> anyhow::Result<()> {
     };
     let demo = acge_proxy::demo::start(token, &dir).await?;
     println!("{}", acge_proxy::demo::banner(&demo));
-    let load = acge_proxy::demo::spawn_traffic(demo.proxy.proxy_addr, traffic);
+    let load =
+        acge_proxy::demo::spawn_traffic(demo.proxy.proxy_addr, traffic, Some(demo.bearer.clone()));
     super::shutdown_signal().await;
     load.abort();
     demo.proxy.shutdown().await;

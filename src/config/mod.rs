@@ -350,7 +350,7 @@ routes:
         assert_eq!(e[0].path, "routes[0].filters[1]");
         assert!(
             e[0].message
-                .contains("unknown filter `rate_limit` (known: constitutional_hash, acge, audit)"),
+                .contains("unknown filter `rate_limit` (known: constitutional_hash, jwt, policy, acge, audit)"),
             "{}",
             e[0]
         );

@@ -27,6 +27,20 @@ use crate::StartOptions;
 /// The demo's config, embedded so that `acge-proxy demo` needs no files.
 pub const DEMO_CONFIG: &str = include_str!("../../config/demo.yaml");
 
+/// The pgc route's policies (config/policies), embedded too, written under the demo's
+/// directory at start.
+const DEMO_POLICIES: &[(&str, &str)] = &[
+    ("pgc.rego", include_str!("../../config/policies/pgc.rego")),
+    (
+        "pgc_test.rego",
+        include_str!("../../config/policies/pgc_test.rego"),
+    ),
+];
+
+/// Who the demo's tokens come from, and for.
+pub const DEMO_ISSUER: &str = "https://auth.acgs.demo";
+pub const DEMO_AUDIENCE: &str = "acgs";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("the embedded demo config is invalid:\n{0}")]
@@ -40,6 +54,12 @@ pub enum DemoError {
     },
     #[error(transparent)]
     Start(#[from] crate::StartError),
+    #[error("cannot write the demo's {what} under {dir}: {source}")]
+    Files {
+        what: &'static str,
+        dir: String,
+        source: std::io::Error,
+    },
 }
 
 /// Splits a demo cluster name (`auth-green`) into its service and version.
@@ -57,6 +77,8 @@ pub struct Demo {
     pub backends: Vec<Backend>,
     pub proxy: crate::Running,
     pub token: String,
+    /// A token the demo signed (valid a day), for the auth route's jwt filter.
+    pub bearer: String,
 }
 
 /// Starts every backend the demo config names, then the proxy, keeping state (the
@@ -66,6 +88,33 @@ pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoErr
     if let Some(audit) = &mut config.filters.audit {
         audit.dir = dir.join("audit");
     }
+    // The auth route's tokens: a key made now, its JWKS where the jwt filter reads it.
+    let issuer = acge_filters::jwt::Issuer::generate("demo-1", DEMO_ISSUER);
+    let files = |what| {
+        move |source| DemoError::Files {
+            what,
+            dir: dir.display().to_string(),
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir.join("policies")).map_err(files("policies"))?;
+    std::fs::write(dir.join("jwks.json"), issuer.jwks().to_string()).map_err(files("JWKS"))?;
+    for (name, text) in DEMO_POLICIES {
+        std::fs::write(dir.join("policies").join(name), text).map_err(files("policies"))?;
+    }
+    if let Some(jwt) = &mut config.filters.jwt {
+        jwt.jwks_file = dir.join("jwks.json");
+    }
+    if let Some(policy) = &mut config.filters.policy {
+        policy.dir = dir.join("policies");
+    }
+    let bearer = issuer.token(
+        "demo-user",
+        DEMO_AUDIENCE,
+        &config.constitution.hash,
+        &["privacy", "rule_of_law", "transparency"],
+        std::time::Duration::from_secs(24 * 3600),
+    );
     if let Some(acge) = &mut config.filters.acge {
         // Relative to config/ as for any config file; the embedded file's config/ is
         // the one in the tree the binary was built from.
@@ -111,6 +160,7 @@ pub async fn start(token: String, dir: &std::path::Path) -> Result<Demo, DemoErr
         backends,
         proxy,
         token,
+        bearer,
     })
 }
 
@@ -119,6 +169,7 @@ pub fn banner(demo: &Demo) -> String {
     let proxy = demo.proxy.proxy_addr;
     let admin = demo.proxy.admin_addr;
     let token = &demo.token;
+    let bearer = &demo.bearer;
     let audit = demo
         .proxy
         .audit()
@@ -138,8 +189,11 @@ pub fn banner(demo: &Demo) -> String {
     format!(
         "acge-proxy demo: 7 services × blue/green on loopback, proxy on {proxy}, admin on {admin}\n\n\
          routes:\n{routes}\n\
-         send a request (see x-acge-backend and x-acge-response-compliance):\n  \
-         curl -si http://{proxy}/api/v1/auth/acge/validate -H 'content-type: application/json' -d '{{\"user\":\"alice\"}}'\n\n\
+         send a request (see x-acge-backend and x-acge-response-compliance); the auth route\n\
+         checks a token (jwt filter), this one the demo signed:\n  \
+         curl -si http://{proxy}/api/v1/auth/acge/validate -H 'content-type: application/json' -H 'Authorization: Bearer {bearer}' -d '{{\"user\":\"alice\"}}'\n\n\
+         the pgc route runs the Rego policy in DIR/policies (policy filter); without the role it answers 403 with the reasons:\n  \
+         curl -si http://{proxy}/api/v1/policy/acge/compile -H 'content-type: application/json' -H 'x-user-roles: policy-compiler' -d '{{\"constitutional_hash\":\"cdd01ef066bc6cf2\",\"rules\":[]}}'\n\n\
          move auth to 50% green:\n  \
          curl -s -X PUT http://{admin}/routes/auth/weights -H 'Authorization: Bearer {token}' -d '{{\"green\": 50}}'\n\n\
          see the weights and the metrics:\n  \

@@ -12,15 +12,23 @@ use super::services::{Service, SERVICES};
 
 /// Sends the demo's own traffic: `rps` requests a second to each service's ACGE
 /// endpoint through the proxy (benign JSON, 50 clients per service by `x-user-id`),
-/// so that the migration controller has something to judge. Runs until aborted.
-pub fn spawn_traffic(proxy: SocketAddr, rps: u32) -> JoinHandle<()> {
+/// so that the migration controller has something to judge. The auth service's
+/// requests carry `bearer` (the jwt filter checks them); the policy compiler's are
+/// compile requests the pgc policy allows. Runs until aborted.
+pub fn spawn_traffic(proxy: SocketAddr, rps: u32, bearer: Option<String>) -> JoinHandle<()> {
     tokio::spawn(async move {
         if rps == 0 {
             return;
         }
+        let bearer: Option<std::sync::Arc<str>> = bearer.map(Into::into);
         let mut tasks = Vec::new();
         for service in SERVICES {
-            tasks.push(tokio::spawn(service_traffic(proxy, service, rps)));
+            tasks.push(tokio::spawn(service_traffic(
+                proxy,
+                service,
+                rps,
+                bearer.clone(),
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -28,13 +36,18 @@ pub fn spawn_traffic(proxy: SocketAddr, rps: u32) -> JoinHandle<()> {
     })
 }
 
-async fn service_traffic(proxy: SocketAddr, service: Service, rps: u32) {
+async fn service_traffic(
+    proxy: SocketAddr,
+    service: Service,
+    rps: u32,
+    bearer: Option<std::sync::Arc<str>>,
+) {
     // Several clients, each on its own connection, so that a slow green (a latency
     // fault) does not throttle the whole service's traffic.
     const CLIENTS: u32 = 8;
     let period = std::time::Duration::from_secs_f64(f64::from(CLIENTS) / f64::from(rps));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| tokio::spawn(client_traffic(proxy, service, period, c)))
+        .map(|c| tokio::spawn(client_traffic(proxy, service, period, c, bearer.clone())))
         .collect();
     for c in clients {
         let _ = c.await;
@@ -46,6 +59,7 @@ async fn client_traffic(
     service: Service,
     period: std::time::Duration,
     client: u32,
+    bearer: Option<std::sync::Arc<str>>,
 ) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -57,11 +71,26 @@ async fn client_traffic(
         }
         let Some(s) = &mut sender else { continue };
         let user = format!("user-{}", (n * 8 + u64::from(client)) % 50);
-        let body = json!({"actor": user, "action": "read", "target": "own profile", "request": n});
-        let req = Request::post(service.acge_endpoint)
+        let mut body =
+            json!({"actor": user, "action": "read", "target": "own profile", "request": n});
+        let mut req = Request::post(service.acge_endpoint)
             .header("host", proxy.to_string())
             .header("content-type", "application/json")
-            .header("x-user-id", &user)
+            .header("x-user-id", &user);
+        match service.name {
+            "auth" => {
+                if let Some(b) = &bearer {
+                    req = req.header("authorization", format!("Bearer {b}"));
+                }
+            }
+            "pgc" => {
+                req = req.header("x-user-roles", "policy-compiler");
+                body["constitutional_hash"] = json!(crate::config::DEFAULT_CONSTITUTION_HASH);
+                body["rules"] = json!([{"id": format!("rule-{n}"), "effect": "allow"}]);
+            }
+            _ => {}
+        }
+        let req = req
             .body(http_body_util::Full::new(Bytes::from(body.to_string())))
             .expect("a valid request");
         match s.send_request(req).await {
