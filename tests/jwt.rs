@@ -379,3 +379,25 @@ filters:
     );
     p.shutdown().await;
 }
+
+/// HS256 is refused by default (above) and accepted only when `algorithms` lists it,
+/// with the JWKS's `oct` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hs256_is_accepted_only_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"a shared secret of thirty-two bytes!";
+    let oct = Key {
+        kid: "hs".into(),
+        alg: Algorithm::HS256,
+        encoding: EncodingKey::from_secret(secret).unwrap(),
+        jwk: json!({"kty": "oct", "kid": "hs", "alg": "HS256", "k": b64(secret)}),
+    };
+    write_jwks(&dir.path().join("jwks.json"), &[&oct]);
+    let (p, _seen) = proxy("hs-off", dir.path(), "").await;
+    let token = sign(&oct, &claims());
+    assert_eq!(call(&p, Some(&token)).await.json()["error"], "algorithm");
+    p.shutdown().await;
+    let (p, _seen) = proxy("hs-on", dir.path(), ", algorithms: [HS256]").await;
+    assert_eq!(call(&p, Some(&token)).await.status, 200);
+    p.shutdown().await;
+}
