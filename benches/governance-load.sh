@@ -86,43 +86,14 @@ results="$work/results.tsv"
 : > "$results"
 for round in $(seq "$ROUNDS"); do
   for t in without jwt+policy; do
-    wrk -t1 -c"$CONNS" -d2s -s "$work/compile.lua" "${url[$t]}" > /dev/null
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/compile.lua" "${url[$t]}")
-    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    errors=$(awk '/Non-2xx or 3xx responses:/ {n += $5} /Socket errors:/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$errors" >> "$results"
-    printf 'round %s  %-10s %10s req/s  p50 %-8s p99 %-8s failed %s\n' "$round" "$t" "$rps" "$p50" "$p99" "$errors"
+    wrk_round "$round" "$t" "${url[$t]}" "$work/compile.lua"
   done
 done
 
-python3 - "$results" "$OUT" "$MARK" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" <<'EOF'
-import datetime, os, re, statistics, sys
-results, out, mark, rounds, duration, conns, workers = sys.argv[1:]
-def ms(s):
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
-    v = float(m.group(1))
-    return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
-rows = {}
-for line in open(results):
-    _, t, rps, p50, p99, errors = line.rstrip("\n").split("\t")
-    rows.setdefault(t, []).append((float(rps), ms(p50), ms(p99), int(errors)))
-base = statistics.median(r[0] for r in rows["without"])
-lines = ["| filters | requests/s (median) | p50 ms | p99 ms | vs without | failed |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-for t in ["without", "jwt+policy"]:
-    v = rows[t]
-    rps, p50, p99 = (statistics.median(r[i] for r in v) for i in range(3))
-    lines.append(f"| {t} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / base:.2f}× | {sum(r[3] for r in v)} |")
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-block = (f"<!-- {mark}:begin -->\n"
-         f"Run {datetime.date.today()} on {os.cpu_count()} × {cpu}: {rounds} rounds × {duration} s, wrk -t1 -c{conns}, "
-         f"proxy with {workers} workers, RS256 token, config/policies, medians of the rounds.\n\n" + "\n".join(lines) + f"\n<!-- {mark}:end -->")
-print("\n" + "\n".join(lines))
-text = open(out).read() if os.path.exists(out) else "# Performance\n"
-if f"<!-- {mark}:begin -->" not in text:
-    text += f"\n<!-- {mark}:begin -->\n<!-- {mark}:end -->\n"
-text = re.sub(f"<!-- {re.escape(mark)}:begin -->.*?<!-- {re.escape(mark)}:end -->", lambda _: block, text, flags=re.S)
-open(out, "w").write(text)
-print(f"\nwritten to {out}")
-EOF
+{
+  echo "Run $(date +%F) on $(machine): $ROUNDS rounds × $DURATION s, wrk -t1 -c$CONNS, proxy with $WORKERS workers, RS256 token, config/policies, medians of the rounds."
+  echo
+  python3 benches/medians.py "$results" filters without jwt+policy
+} > "$work/block.md"
+cat "$work/block.md"
+python3 benches/write_block.py "$OUT" "$MARK" "$work/block.md"

@@ -60,3 +60,24 @@ EOF
     echo "}"
   } > "$work/upstream.conf"
 }
+
+# One wrk round (after a 2 s warm-up): appends "round target requests/s p50 p99 failed"
+# to $results (failed: non-2xx answers and socket errors of any kind) and prints it.
+# Uses CONNS and DURATION.
+wrk_round() { # round target url script
+  wrk -t1 -c"$CONNS" -d2s -s "$4" "$3" > /dev/null
+  local out rps p50 p99 failed
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$4" "$3")
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  failed=$(awk '/Non-2xx or 3xx responses:/ {n += $5}
+    /Socket errors:/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" "$failed" >> "$results"
+  printf 'round %s  %-12s %10s req/s  p50 %-8s p99 %-8s failed %s\n' "$1" "$2" "$rps" "$p50" "$p99" "$failed"
+}
+
+# The machine, for the line above a table.
+machine() {
+  echo "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+}

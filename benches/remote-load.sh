@@ -94,55 +94,22 @@ results="$work/results.tsv"
 : > "$results"
 for round in $(seq "$ROUNDS"); do
   for t in in-process remote; do
-    wrk -t1 -c"$CONNS" -d2s -s "$work/unique.lua" "${url[$t]}" > /dev/null
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/unique.lua" "${url[$t]}")
-    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    errors=$(awk '/Non-2xx or 3xx responses:/ {n += $5} /Socket errors:/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$errors" >> "$results"
-    printf 'round %s  %-10s %10s req/s  p50 %-8s p99 %-8s errors %s\n' "$round" "$t" "$rps" "$p50" "$p99" "$errors"
+    wrk_round "$round" "$t" "${url[$t]}" "$work/unique.lua"
   done
 done
-curl -s http://127.0.0.1:19701/metrics | grep -E '^acge_remote_(requests_total|seconds_(sum|count))|^acge_inference_batch_size_(sum|count)' > "$work/remote-metrics.txt" || true
+metrics=$(curl -s http://127.0.0.1:19701/metrics)
+calls=$(awk '/^acge_remote_seconds_count/ {print $2}' <<<"$metrics")
+seconds=$(awk '/^acge_remote_seconds_sum/ {print $2}' <<<"$metrics")
+items=$(awk '/^acge_inference_batch_size_sum/ {n += $2} END {print n + 0}' <<<"$metrics")
 
-python3 - "$results" "$OUT" "$MARK" "$ROUNDS" "$DURATION" "$CONNS" "$WORKERS" "$MODEL" "$work/remote-metrics.txt" <<'EOF'
-import datetime, os, re, statistics, sys
-results, out, mark, rounds, duration, conns, workers, model, metrics = sys.argv[1:]
-def ms(s):
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", s)
-    v = float(m.group(1))
-    return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
-rows = {}
-for line in open(results):
-    _, t, rps, p50, p99, errors = line.rstrip("\n").split("\t")
-    rows.setdefault(t, []).append((float(rps), ms(p50), ms(p99), int(errors)))
-base = statistics.median(r[0] for r in rows["in-process"])
-lines = ["| scoring | requests/s (median) | p50 ms | p99 ms | vs in-process | failed |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-for t in ["in-process", "remote"]:
-    v = rows[t]
-    rps, p50, p99 = (statistics.median(r[i] for r in v) for i in range(3))
-    lines.append(f"| {t} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {rps / base:.2f}× | {sum(r[3] for r in v)} |")
-m = {}
-for line in open(metrics):
-    k, val = line.rsplit(" ", 1)
-    m[k] = float(val)
-calls = m.get("acge_remote_seconds_count", 0)
-extra = ""
-if calls:
-    items = next((v for k, v in m.items() if k.startswith("acge_inference_batch_size_sum")), 0)
-    extra = (f"\n\nRemote, over the whole run: {calls:,.0f} ModelInfer calls, "
-             f"{items / calls:.1f} items per call, {m.get('acge_remote_seconds_sum', 0) / calls * 1e3:.2f} ms per call.")
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-block = (f"<!-- {mark}:begin -->\n"
-         f"Run {datetime.date.today()} on {os.cpu_count()} × {cpu}: {rounds} rounds × {duration} s, wrk -t1 -c{conns}, "
-         f"proxies with {workers} workers, model `{os.path.relpath(model)}` (acge observe, every body unique), "
-         f"MLServer 1.7.1 on the same machine, medians of the rounds.\n\n" + "\n".join(lines) + extra + f"\n<!-- {mark}:end -->")
-print("\n" + "\n".join(lines) + extra)
-text = open(out).read() if os.path.exists(out) else "# Performance\n"
-if f"<!-- {mark}:begin -->" not in text:
-    text += f"\n<!-- {mark}:begin -->\n<!-- {mark}:end -->\n"
-text = re.sub(f"<!-- {re.escape(mark)}:begin -->.*?<!-- {re.escape(mark)}:end -->", lambda _: block, text, flags=re.S)
-open(out, "w").write(text)
-print(f"\nwritten to {out}")
-EOF
+{
+  echo "Run $(date +%F) on $(machine): $ROUNDS rounds × $DURATION s, wrk -t1 -c$CONNS, proxies with $WORKERS workers, model \`${MODEL#"$PWD"/}\` (acge observe, every body unique), MLServer 1.7.1 on the same machine, medians of the rounds."
+  echo
+  python3 benches/medians.py "$results" scoring in-process remote
+  if [ -n "${calls:-}" ]; then
+    echo
+    awk -v c="$calls" -v s="$seconds" -v i="$items" 'BEGIN { printf "Remote, over the whole run: %d ModelInfer calls, %.1f items per call, %.2f ms per call.\n", c, i / c, s / c * 1000 }'
+  fi
+} > "$work/block.md"
+cat "$work/block.md"
+python3 benches/write_block.py "$OUT" "$MARK" "$work/block.md"
