@@ -189,8 +189,14 @@ pub struct PolicyFilter {
 
 impl PolicyFilter {
     pub fn load(config: &PolicyConfig) -> Result<Arc<Self>, PolicyError> {
+        let mut engine = load_engine(&config.dir)?;
+        // Evaluated once here, so that the engine each request clones is already
+        // prepared (its rules analysed and scheduled): a request only evaluates.
+        engine.set_input(regorus::Value::from(serde_json::json!({})));
+        let _ = engine.eval_rule(config.query.clone());
+        let _ = engine.eval_rule(config.reasons.clone());
         Ok(Arc::new(Self {
-            engine: load_engine(&config.dir)?,
+            engine,
             query: config.query.clone(),
             reasons: config.reasons.clone(),
             on_error: config.on_error,
