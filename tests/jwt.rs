@@ -249,15 +249,39 @@ async fn valid_tokens_of_each_algorithm_forward_their_claims_upstream_and_into_t
         assert_eq!(upstream.headers["x-jwt-principles"], "privacy,rule_of_law");
         assert_eq!(upstream.headers["x-jwt-compliance-level"], "0.97");
     }
+    // A claim the token lacks: the client's own header of that name does not get
+    // through either.
+    let mut without = claims();
+    without
+        .as_object_mut()
+        .unwrap()
+        .remove("constitutional_principles_validated");
+    let auth = format!("Bearer {}", sign(&keys[0], &without));
+    let r = get(
+        &client(),
+        &format!("http://{}/svc/validate", p.proxy_addr),
+        &[
+            ("authorization", auth.as_str()),
+            ("x-jwt-principles", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let upstream = seen.recv().await.unwrap();
+    assert!(
+        upstream.headers.get("x-jwt-principles").is_none(),
+        "a client's x-jwt-principles is removed: {:?}",
+        upstream.headers
+    );
     let m = scrape(&p).await;
     assert_eq!(
         sample(&m, "acge_jwt_total{route=\"valid\",result=\"valid\"}"),
-        Some(3.0)
+        Some(4.0)
     );
     p.shutdown().await;
     let records = audit_records(&dir.path().join("audit"));
-    assert_eq!(records.len(), 3);
-    for r in &records {
+    assert_eq!(records.len(), 4);
+    for r in &records[..3] {
         let jwt = r
             .jwt
             .as_ref()

@@ -423,3 +423,68 @@ fn the_triton_example_config_is_a_valid_model_config_for_the_encoder() {
         "one FP32 per principle of models/acge-encoder"
     );
 }
+
+/// A server that hangs (stopped, not gone) costs each request the call's deadline
+/// until the circuit opens; from then on requests are answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_answers_at_once_instead_of_waiting_on_a_hung_server() {
+    let model = tempfile::tempdir().unwrap();
+    make_test_model(model.path(), &[]);
+    let mut server = Server::new(model.path());
+    server.start(&mlserver()).await;
+    let (p, _up) = common::filtered_proxy(
+        "hung",
+        "acge",
+        &format!(
+            "filters:\n  acge: {{model: \"{}\", mode: observe, remote: {{endpoint: \"{}\", model: acge, timeout_ms: 400, breaker_failures: 2, breaker_cool_down_ms: 60000}}}}\n",
+            model.path().display(),
+            server.endpoint()
+        ),
+    )
+    .await;
+    let url = format!("http://{}/svc", p.proxy_addr);
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    // Each body its own, so that the score cache never answers.
+    let post = || {
+        let url = url.clone();
+        let body = format!(
+            r#"{{"n":{}}}"#,
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            let started = Instant::now();
+            let r = send(
+                &client(),
+                Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+            (r.status.as_u16(), started.elapsed())
+        }
+    };
+    assert_eq!(post().await.0, 200);
+    let pid = server.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for _ in 0..2 {
+        let (status, took) = post().await;
+        assert_eq!(status, 503);
+        assert!(
+            took >= Duration::from_millis(350),
+            "a hung server costs the deadline: {took:?}"
+        );
+    }
+    let (status, took) = post().await;
+    assert_eq!(status, 503);
+    assert!(
+        took < Duration::from_millis(100),
+        "the open circuit answers at once: {took:?}"
+    );
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    p.shutdown().await;
+}
