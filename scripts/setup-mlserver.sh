@@ -9,6 +9,10 @@ CACHE=${ACGE_CACHE_DIR:-$HOME/.cache/acge-proxy}
 VERSION=1.7.1
 VENV=$CACHE/mlserver-$VERSION
 TORCH_PY=$(scripts/setup-libtorch.sh | tail -1)
+# Tests call this in parallel: one installs, the others wait for it.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/mlserver-$VERSION.lock"
+flock 9
 if [ ! -x "$VENV/bin/mlserver" ] || [ ! -f "$VENV/.complete" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"

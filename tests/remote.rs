@@ -25,7 +25,14 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The MLServer executable, installed once per test process
+/// (scripts/setup-mlserver.sh also locks against other processes).
 fn mlserver() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(install_mlserver).clone()
+}
+
+fn install_mlserver() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(root.join("scripts/setup-mlserver.sh"))
         .output()
