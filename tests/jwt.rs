@@ -119,21 +119,13 @@ async fn proxy(
     acge_proxy::Running,
     tokio::sync::mpsc::UnboundedReceiver<common::Seen>,
 ) {
-    let (up, seen) = recording_upstream().await;
-    let yaml = format!(
-        "listener: {{address: 127.0.0.1:0}}
-admin: {{address: 127.0.0.1:0}}
-clusters:
-  up: {{endpoints: [\"{up}\"]}}
-routes:
-  - {{name: {route}, match: {{path_prefix: /svc}}, blue: up, green: up, filters: [jwt, audit]}}
-filters:
-  jwt: {{jwks_file: \"{0}/jwks.json\", issuer: \"https://auth.acgs.svc\", audiences: [acgs], leeway_s: 5, min_compliance_level: 0.9, reload_ms: 100{extra}}}
+    let sections = format!(
+        "  jwt: {{jwks_file: \"{0}/jwks.json\", issuer: \"https://auth.acgs.svc\", audiences: [acgs], leeway_s: 5, min_compliance_level: 0.9, reload_ms: 100{extra}}}
   audit: {{dir: \"{0}/audit\", commit: sync}}
 ",
         dir.display()
     );
-    (start(&yaml, TokenSource::None).await, seen)
+    common::recording_proxy(route, "/svc", "jwt, audit", &sections).await
 }
 
 async fn call(p: &acge_proxy::Running, token: Option<&str>) -> common::Reply {

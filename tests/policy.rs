@@ -8,8 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use acge_proxy::control::admin::TokenSource;
-use common::{client, make_test_model, recording_upstream, sample, scrape, send, start};
+use common::{client, make_test_model, sample, scrape, send};
 use http::Method;
 use serde_json::json;
 
@@ -21,18 +20,7 @@ async fn proxy(
     acge_proxy::Running,
     tokio::sync::mpsc::UnboundedReceiver<common::Seen>,
 ) {
-    let (up, seen) = recording_upstream().await;
-    let yaml = format!(
-        "listener: {{address: 127.0.0.1:0}}
-admin: {{address: 127.0.0.1:0}}
-clusters:
-  up: {{endpoints: [\"{up}\"]}}
-routes:
-  - {{name: {route}, match: {{path_prefix: /api}}, blue: up, green: up, filters: [{filters}]}}
-filters:
-{sections}"
-    );
-    (start(&yaml, TokenSource::None).await, seen)
+    common::recording_proxy(route, "/api", filters, sections).await
 }
 
 fn demo_policies() -> String {

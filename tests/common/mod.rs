@@ -441,3 +441,25 @@ pub fn run_command(cmd: &mut std::process::Command) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A proxy with one route `route` on `prefix` to a [`recording_upstream`], running
+/// `filters` (a YAML list's items), with `sections` (indented 2) under `filters:`.
+pub async fn recording_proxy(
+    route: &str,
+    prefix: &str,
+    filters: &str,
+    sections: &str,
+) -> (Running, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let (up, seen) = recording_upstream().await;
+    let yaml = format!(
+        "listener: {{address: 127.0.0.1:0}}
+admin: {{address: 127.0.0.1:0}}
+clusters:
+  up: {{endpoints: [\"{up}\"]}}
+routes:
+  - {{name: {route}, match: {{path_prefix: {prefix}}}, blue: up, green: up, filters: [{filters}]}}
+filters:
+{sections}"
+    );
+    (start(&yaml, TokenSource::None).await, seen)
+}
