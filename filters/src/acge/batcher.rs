@@ -95,15 +95,7 @@ impl Batcher {
         config: BatcherConfig,
         observer: O,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        std::thread::Builder::new()
-            .name(format!("acge-{name}"))
-            .spawn(move || run(backend, config, observer, rx))?;
-        Ok(Self {
-            tx,
-            timeout: config.timeout,
-        })
+        Self::spawn_workers(name, vec![(backend, observer)], config)
     }
 
     /// As [`Batcher::spawn`], with one thread per backend, all taking batches from the
@@ -116,12 +108,32 @@ impl Batcher {
         config: BatcherConfig,
         observer: O,
     ) -> std::io::Result<Self> {
+        let workers = backends
+            .into_iter()
+            .map(|b| (b, observer.clone()))
+            .collect();
+        Self::spawn_workers(name, workers, config)
+    }
+
+    /// One thread per worker (`acge-{name}`, numbered when there are several), all
+    /// taking batches from one queue.
+    fn spawn_workers<B: Backend, O: BatchObserver>(
+        name: &str,
+        workers: Vec<(B, O)>,
+        config: BatcherConfig,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        for (i, backend) in backends.into_iter().enumerate() {
-            let (rx, observer) = (rx.clone(), observer.clone());
+        let many = workers.len() > 1;
+        for (i, (backend, observer)) in workers.into_iter().enumerate() {
+            let rx = rx.clone();
+            let thread = if many {
+                format!("acge-{name}-{i}")
+            } else {
+                format!("acge-{name}")
+            };
             std::thread::Builder::new()
-                .name(format!("acge-{name}-{i}"))
+                .name(thread)
                 .spawn(move || run(backend, config, observer, rx))?;
         }
         Ok(Self {

@@ -82,12 +82,7 @@ impl Stage {
         thresholds: Vec<f64>,
         config: BatcherConfig,
     ) -> std::io::Result<Self> {
-        Ok(Self {
-            name,
-            batcher: Batcher::spawn(name, backend, config, Observer::new(name))?,
-            encoder,
-            thresholds: thresholds.into(),
-        })
+        Self::spawn_many(name, vec![backend], encoder, thresholds, config)
     }
 
     /// A stage whose batches run on several threads, one backend each, from one queue
