@@ -197,10 +197,8 @@ pub struct JwtFilter {
     path: PathBuf,
     keys: ArcSwap<Keys>,
     digest: Mutex<[u8; 32]>,
-    algorithms: Vec<Algorithm>,
-    issuer: Option<String>,
-    audiences: Vec<String>,
-    leeway: u64,
+    /// The checks of each accepted algorithm, made once at load, not per token.
+    validations: Vec<(Algorithm, Validation)>,
     min_level: Option<f64>,
     forward: Vec<(String, HeaderName)>,
     constitution: String,
@@ -246,14 +244,12 @@ impl JwtFilter {
             path: config.jwks_file.clone(),
             keys: ArcSwap::from_pointee(keys),
             digest: Mutex::new(digest),
-            algorithms: config
+            validations: config
                 .algorithms
                 .iter()
                 .filter_map(|a| parse_algorithm(a))
+                .map(|alg| (alg, validation(config, alg)))
                 .collect(),
-            issuer: config.issuer.clone(),
-            audiences: config.audiences.clone(),
-            leeway: config.leeway_s,
             min_level: config.min_compliance_level,
             forward: config
                 .forward_claims
@@ -312,12 +308,12 @@ impl JwtFilter {
             .ok_or_else(|| refuse("missing", "Authorization is not `Bearer <token>`"))?;
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| refuse("malformed", format!("the token is not a JWT: {e}")))?;
-        if !self.algorithms.contains(&header.alg) {
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Err(refuse(
                 "algorithm",
                 format!("{:?} is not an accepted algorithm", header.alg),
             ));
-        }
+        };
         let keys = self.keys.load();
         let (key, key_alg) = match &header.kid {
             Some(kid) => keys
@@ -337,21 +333,8 @@ impl JwtFilter {
                 format!("the key is for {key_alg:?}, the token is {:?}", header.alg),
             ));
         }
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &self.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
-            None => validation.iss = None,
-        }
-        if self.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&self.audiences);
-        }
         let data =
-            jsonwebtoken::decode::<serde_json::Value>(token, key, &validation).map_err(|e| {
+            jsonwebtoken::decode::<serde_json::Value>(token, key, validation).map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind as K;
                 let reason = match e.kind() {
                     K::ExpiredSignature => "expired",
@@ -402,6 +385,25 @@ impl JwtFilter {
         }
         Ok(claims)
     }
+}
+
+/// What a token signed with `alg` must satisfy: `exp` (and `nbf`) within the leeway,
+/// the issuer and one of the audiences when configured.
+fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = config.leeway_s;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(&["exp"]);
+    match &config.issuer {
+        Some(iss) => v.set_issuer(&[iss]),
+        None => v.iss = None,
+    }
+    if config.audiences.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&config.audiences);
+    }
+    v
 }
 
 async fn reload_every(filter: std::sync::Weak<JwtFilter>, every: Duration) {
